@@ -1,0 +1,116 @@
+"""Checkpoints: one safetensors file per step, written atomically, loadable without executing pickle code.
+
+Layout of `runs/NAME/checkpoints/step_N.safetensors`:
+  tensors   model.*  (the method module: student + auxiliary nets)   ema.*  (EMA copy of the student)
+            optim.<param index>.<state key>                          rng.torch, rng.data, rng.cuda.<i>
+            scaler.mean / scaler.std (vector data standardisation, when used)
+  metadata  format, step, config (JSON of TrainConfig), data (shape, kind, num_classes, name),
+            optim_groups (JSON of the optimizer's param_groups)
+A checkpoint alone is enough to sample: it carries its config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import JumpflowError
+
+FORMAT = "jumpflow-checkpoint-1"
+_STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+def save_checkpoint(path: Path, tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, **metadata})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise JumpflowError(f"checkpoint {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise JumpflowError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT:
+        raise JumpflowError(f"{path} is a safetensors file but not a jumpflow checkpoint (format: "
+                            f"{metadata.get('format')!r}, expected {FORMAT!r})")
+    return tensors, metadata
+
+
+def list_checkpoints(run_dir: Path) -> Dict[int, Path]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = _STEP_FILE.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return found
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[max(found)] if found else None
+
+
+def resolve_checkpoint(path_or_dir) -> Path:
+    """A checkpoint file, or a run directory (its latest checkpoint)."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise JumpflowError(f"run directory {p} holds no checkpoint (expected {p}/checkpoints/step_N.safetensors)")
+        return latest
+    if not p.exists():
+        raise JumpflowError(f"checkpoint {p} does not exist")
+    return p
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    found = list_checkpoints(run_dir)
+    for step in sorted(found)[:-keep]:
+        found[step].unlink()
+
+
+def split_prefix(tensors: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Tensor], str]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, json.dumps(state["param_groups"])
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Dict[str, Tensor], groups_json: str) -> None:
+    state: Dict[int, Dict[str, Tensor]] = {}
+    for name, value in split_prefix(tensors, "optim").items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})

@@ -1,0 +1,174 @@
+"""`jumpflow` command line: parse flags, call the Python API, print. Errors are one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .errors import JumpflowError
+
+
+def _train(args) -> None:
+    from . import api, methods
+    from .config import TrainConfig, apply_overrides, parse_overrides
+    from .presets import get_preset
+
+    values = TrainConfig().to_dict()
+    if args.preset:
+        values.update(get_preset(args.preset))
+    flags = {"method": args.method, "data": args.data, "steps": args.steps, "backbone": args.backbone,
+             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.class_conditional:
+        values["class_conditional"] = True
+    method_fields = [f.name for f in dataclasses.fields(methods.METHODS[values["method"]].Config)]
+    values = apply_overrides(values, parse_overrides(args.overrides), method_fields)
+    cfg = TrainConfig.from_dict(values)
+    methods.METHODS[cfg.method]  # unknown names fail before any directory is made
+    ckpt = api.train(cfg, args.out, resume=args.resume)
+    print(f"run written to {args.out}; final checkpoint: {ckpt}")
+
+
+def _sample(args) -> None:
+    from . import api
+    from .plots import save_samples
+
+    model = api.load(args.ckpt)
+    noise = _read_array(args.noise, "noise") if args.noise else None
+    if noise is None and (args.n is None or args.n < 1):
+        raise JumpflowError("give --n N (a positive integer) or --noise FILE.npy")
+    if noise is None:
+        noise = model.noise(args.n, args.seed if args.seed is not None else 0)
+    samples = model.generate(noise=noise, steps=args.steps, cls=args.cls)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, samples.numpy())
+    elif out.suffix == ".npz":
+        np.savez(out, samples=samples.numpy(), noise=np.asarray(noise, dtype=np.float32))
+    elif out.suffix == ".png":
+        save_samples(out, samples)
+    else:
+        raise JumpflowError(f"--out must end in .npy, .npz or .png, got {out.name!r}")
+    print(f"wrote {samples.shape[0]} samples ({args.steps or model.method.default_sample_steps} steps) to {out}")
+
+
+def _read_array(path: str, what: str, key_order=("samples", "x", "arr_0")) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise JumpflowError(f"{what} file {p} does not exist")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise JumpflowError(f"cannot read {what} file {p}: {e}") from e
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        key = next((k for k in key_order if k in loaded.files), None)
+        if key is None:
+            raise JumpflowError(f"{p} has arrays {loaded.files}; expected one named {', '.join(key_order)}")
+        return loaded[key]
+    return loaded
+
+
+def _eval(args) -> None:
+    from . import api
+
+    samples = _read_array(args.samples, "samples")
+    noise = None
+    if args.samples.endswith(".npz"):
+        with np.load(args.samples, allow_pickle=False) as f:
+            noise = f["noise"] if "noise" in f.files else None
+    if samples.dtype.kind not in "fiu":
+        raise JumpflowError(f"samples must be numeric, got dtype {samples.dtype}")
+    result = api.evaluate(torch.from_numpy(samples.astype(np.float32)), args.data,
+                          noise=None if noise is None else torch.from_numpy(noise), seed=args.seed)
+    print(json.dumps(result, indent=2))
+
+
+def _methods(args) -> None:
+    from .methods import catalogue
+
+    entries = catalogue()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        print(f"{e['name']:<16} {e['kind']:<13} {e['paper']}")
+        print(f"{'':<16} defaults: {', '.join(f'{k}={v}' for k, v in e['defaults'].items())}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(out=args.out, steps=args.steps, data=args.data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jumpflow", description="Train, sample and evaluate one-step generative models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a method on a dataset into a run directory")
+    t.add_argument("--method", help="registered method name (see `jumpflow methods`)")
+    t.add_argument("--data", help="built-in dataset name, a .npy/.npz file or an image folder")
+    t.add_argument("--steps", type=int, help="training steps")
+    t.add_argument("--out", required=True, help="run directory (refused if it exists, unless --resume)")
+    t.add_argument("--backbone", help="mlp or unet (default: mlp for vectors, unet for images)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--preset", help="named starting config (toy, digits); flags and overrides apply on top")
+    t.add_argument("--class-conditional", action="store_true", help="train on the dataset's labels")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field or method option")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint (EMA weights)")
+    s.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its latest checkpoint)")
+    s.add_argument("--n", type=int, help="number of samples")
+    s.add_argument("--steps", type=int, help="network jumps (1 = one step); default: the method's own")
+    s.add_argument("--seed", type=int, help="seed for the starting noise (default 0)")
+    s.add_argument("--noise", help="a .npy of starting noise (N, *shape) to use instead of drawing it")
+    s.add_argument("--class", dest="cls", type=int, help="class label for a class-conditional model")
+    s.add_argument("--out", required=True, help=".npy (samples), .npz (samples + noise) or .png (picture)")
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="metrics of a sample file against a dataset, printed as JSON")
+    e.add_argument("--samples", required=True, help=".npy or .npz (an npz from `sample` also carries the noise, "
+                                                     "giving the flow-map error against the exact map)")
+    e.add_argument("--data", required=True, help="dataset name or file the samples should match")
+    e.add_argument("--seed", type=int, default=0, help="seed of the reference draws")
+    e.set_defaults(func=_eval)
+
+    m = sub.add_parser("methods", help="list registered methods, their papers and default options")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_methods)
+
+    d = sub.add_parser("demo", help="MeanFlow vs flow matching on a 2-D toy in about two minutes, with a picture")
+    d.add_argument("--out", default=None, help="directory (default: a new runs/demo-N)")
+    d.add_argument("--steps", type=int, default=None, help="training steps per method")
+    d.add_argument("--data", default="checkerboard")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except JumpflowError as e:
+        print(f"jumpflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jumpflow: interrupted; checkpoints already written are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Methods register by name; `get(name, net=..., **options)` builds one, `catalogue()` describes them all."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+from ..registry import Registry
+from .base import LossOutput, Method, make_config
+
+METHODS: Registry = Registry("method")
+
+
+def register(cls):
+    METHODS.register(cls.name)(cls)
+    return cls
+
+
+def get(name: str, net, shape: tuple, num_classes: int = 0, **options) -> Method:
+    cls = METHODS[name]
+    return cls(net, make_config(cls.Config, options), shape, num_classes)
+
+
+def names() -> List[str]:
+    return METHODS.names()
+
+
+def catalogue() -> List[Dict[str, Any]]:
+    """What `jumpflow methods --json` prints: name, kind, paper, default options."""
+    out = []
+    for name in METHODS.names():
+        cls = METHODS[name]
+        out.append({"name": name, "kind": cls.kind, "paper": cls.paper,
+                    "defaults": dataclasses.asdict(cls.Config()), "summary": (cls.__doc__ or "").strip().split("\n")[0]})
+    return out
+
+
+# Importing the modules registers them.
+from . import flow_matching, meanflow  # noqa: E402,F401
+
+__all__ = ["METHODS", "Method", "LossOutput", "get", "names", "catalogue", "register"]

@@ -1,0 +1,80 @@
+"""The contract between a method and the generic Trainer.
+
+A method is an nn.Module that owns its student network (`self.net`) and any auxiliary networks. The Trainer calls
+`loss(x, labels)` each step and `sample(noise, steps, ...)` for pictures and evaluation, always passing the EMA copy
+of the student as `net=`; it never branches on a method's name. Randomness (times, noise, label dropout) comes from
+torch's global RNG, whose state the Trainer saves in every checkpoint so resume is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import JumpflowError
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar to backpropagate
+    metrics: Dict[str, Tensor] = field(default_factory=dict)  # detached scalars, read only at log steps (no sync)
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "from_scratch"  # or "distillation"
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type]  # a dataclass of the method's options, defaults = the paper's values
+    default_sample_steps: ClassVar[int] = 1
+
+    def __init__(self, net: nn.Module, config: Any, shape: tuple, num_classes: int = 0):
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.shape = tuple(shape)
+        self.num_classes = num_classes
+
+    # --- training -----------------------------------------------------------------------------------------
+    def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """What the optimizer updates; methods with several optimizers (DMD2, SiD) override the trainer hooks."""
+        return list(self.net.parameters())
+
+    # --- sampling -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net: Optional[nn.Module] = None,
+               **options) -> Tensor:
+        """Map noise at t = 1 to data at t = 0 in `steps` network jumps (NFE counted by `nfe`)."""
+        raise NotImplementedError
+
+    def nfe(self, steps: int) -> int:
+        return steps
+
+    # --- shared helpers -------------------------------------------------------------------------------------
+    def drop_labels(self, labels: Optional[Tensor], probability: float) -> Optional[Tensor]:
+        """Classifier-free guidance training: replace a share of labels by the null label (index num_classes)."""
+        if labels is None or probability <= 0:
+            return labels
+        drop = torch.rand(labels.shape[0], device=labels.device) < probability
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    @staticmethod
+    def check_steps(steps: int) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise JumpflowError(f"steps must be a positive integer, got {steps!r}")
+
+
+def make_config(config_cls: type, options: Dict[str, Any]) -> Any:
+    """Build a method config from user options, refusing unknown names (a typo must not be silently ignored)."""
+    valid = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise JumpflowError(f"unknown option(s) {', '.join(unknown)} for {config_cls.__qualname__}; "
+                            f"valid: {', '.join(valid)}")
+    return config_cls(**options)

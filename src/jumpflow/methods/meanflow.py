@@ -1,0 +1,98 @@
+"""MeanFlow: one-step generation by learning the average velocity over an interval.
+
+Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative Modeling" (arXiv 2505.13447); METHODS.md A2.
+
+The network u_theta(z_t, r, t) models u = 1/(t - r) int_r^t v(z_tau, tau) dtau, so z_r = z_t - (t - r) u.
+Differentiating (t - r) u = int_r^t v in t gives the MeanFlow identity
+
+    u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),    d/dt u = v . grad_z u + d_t u,
+
+and training regresses u_theta on the stop-gradient right-hand side, with d/dt u from one forward-mode JVP along the
+tangent (v, dt = 1, dr = 0). In jumpflow's backbone signature net(z, t, s) the jump target time s is MeanFlow's r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..jvp import refuse_ddp, total_derivative
+from ..paths import conditional_velocity, expand_time, interpolate, sample_times, time_grid
+from . import register
+from .base import LossOutput, Method
+
+
+def meanflow_target(average_velocity, z: Tensor, t: Tensor, r: Tensor, v: Tensor, jvp_mode: str = "exact"):
+    """(u_theta(z, r, t), sg(v - (t - r) du/dt)) with du/dt = v . grad_z u + d_t u from one JVP along (v, 1, 0).
+
+    One dual forward gives u_theta (with its graph, for the gradient) and the total derivative. With the exact
+    average velocity and the marginal velocity v, the target equals u: the MeanFlow identity (tested).
+    """
+    u, du_dt = total_derivative(average_velocity, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)),
+                                mode=jvp_mode)
+    gap = expand_time((t - r).clamp(0, 1), z)
+    return u, (v - gap * du_dt).detach()
+
+
+@dataclass
+class MeanFlowConfig:
+    time_sampler: str = "logit_normal"  # t, r = max/min of two draws (paper §4.3)
+    time_mean: float = -0.4  # LN(-0.4, 1.0): the paper's ImageNet default
+    time_std: float = 1.0
+    flow_matching_share: float = 0.75  # share of the batch with r = t (paper's best: 25% of r != t)
+    adaptive_power: float = 1.0  # p in w = 1 / sg(Delta + eps)^p; 1.0 ImageNet, 0.75 CIFAR-10, 0 = plain L2
+    adaptive_eps: float = 0.01  # eps in the adaptive weight (relative to the per-sample *sum* of squares)
+    class_dropout: float = 0.1
+    jvp_mode: str = "exact"  # "exact" (torch.func.jvp) or "finite_difference"
+
+
+@register
+class MeanFlow(Method):
+    """MeanFlow: average-velocity network trained on the MeanFlow identity with a JVP target."""
+
+    name = "meanflow"
+    paper = "Geng et al. 2025, Mean Flows for One-step Generative Modeling (arXiv 2505.13447)"
+    Config = MeanFlowConfig
+    default_sample_steps = 1
+
+    def sample_time_pair(self, n: int, device) -> Tuple[Tensor, Tensor]:
+        """(t, r) with r <= t; a `flow_matching_share` of pairs have r = t (pure flow-matching samples)."""
+        cfg = self.config
+        a = sample_times(n, cfg.time_sampler, cfg.time_mean, cfg.time_std, device=device)
+        b = sample_times(n, cfg.time_sampler, cfg.time_mean, cfg.time_std, device=device)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        same = torch.rand(n, device=device) < cfg.flow_matching_share
+        return t, torch.where(same, t, r)
+
+    def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
+        cfg = self.config
+        refuse_ddp(self.net)
+        noise = torch.randn_like(x)
+        t, r = self.sample_time_pair(x.shape[0], x.device)
+        z = interpolate(x, noise, t)
+        v = conditional_velocity(x, noise)
+        labels = self.drop_labels(labels, cfg.class_dropout)
+
+        def average_velocity(z_, t_, r_):
+            return self.net(z_, t_, r_, labels).float()
+
+        u, u_target = meanflow_target(average_velocity, z, t, r, v, cfg.jvp_mode)
+        delta = (u - u_target).pow(2).flatten(1).sum(1)  # per-sample squared error, summed (paper's convention)
+        weight = 1.0 / (delta.detach() + cfg.adaptive_eps).pow(cfg.adaptive_power)  # adaptive loss weight
+        loss = (weight * delta).mean()
+        return LossOutput(loss, {"mse": delta.detach().mean() / x[0].numel()})
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net=None, **options) -> Tensor:
+        """k jumps on the uniform grid: z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i)."""
+        self.check_steps(steps)
+        net = net if net is not None else self.net
+        grid = time_grid(steps, device=noise.device)
+        z = noise
+        ones = torch.ones(noise.shape[0], device=noise.device)
+        for t_now, t_next in zip(grid[:-1], grid[1:]):
+            z = z - (t_now - t_next) * net(z, ones * t_now, ones * t_next, labels)
+        return z

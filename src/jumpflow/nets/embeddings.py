@@ -1,0 +1,97 @@
+"""Conditioning shared by every backbone: (t, s, label) -> one vector.
+
+Backbones take two times, t (now) and s (target of the jump, s <= t). We embed t and the gap h = t - s with two
+separate embedders and sum them (plus a class embedding), the (t, t - r) parameterisation of MeanFlow. h = 0 ("instantaneous
+velocity") is an ordinary input: sin(0) = 0, cos(0) = 1, nothing divides by h.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def _is_compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+def batch_times(t: Tensor, batch: int) -> Tensor:
+    """Accept a (B,) tensor, a (B, 1) tensor, a 0-d tensor or a (1,) tensor; return (B,)."""
+    return t.reshape(-1).expand(batch)
+
+
+def check_labels(cond: Tensor, num_classes: int) -> None:
+    """Labels live in [0, num_classes]; num_classes is the null label. A bad label is a ValueError, not a silent
+    out-of-bounds gather. Skipped under torch.compile (it reads tensor values) -- validate before compiling."""
+    if _is_compiling():
+        return
+    if cond.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"class labels must be an integer tensor, got dtype {cond.dtype}")
+    # One host sync per forward; the min/max for the message are only computed on failure.
+    if bool(((cond < 0) | (cond > num_classes)).any()):
+        raise ValueError(f"class labels must lie in [0, {num_classes}] ({num_classes} is the null label), "
+                         f"got values in [{int(cond.min())}, {int(cond.max())}]")
+
+
+class TimeEmbedding(nn.Module):
+    """Scalar time in [0, 1] -> (B, dim): Fourier features [cos(w t), sin(w t)], then Linear -> SiLU -> Linear.
+
+    The angular frequencies w are log-spaced from 1 to `max_frequency` (100 by default) rad per unit time. Why not
+    the DDPM recipe (t * 1000 with periods up to 10000, i.e. w up to 1000): methods here differentiate the net in t
+    (MeanFlow, sCM, ...) and d/dt sin(w t) = w cos(w t), so the fastest feature sets the size of the time tangent --
+    large time-embedding frequencies are a known source of JVP training instability (sCM, Lu & Song 2024) -- and the
+    finite-difference JVP fallback (step 1e-3) is only accurate while w * step << 1 (error ~ (w step)^2 / 6).
+    w = 100 still turns the fastest features a full radian between times 0.01 apart; w = 1 gives near-linear ones.
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = 256, max_frequency: float = 100.0):
+        super().__init__()
+        if frequency_dim < 4 or frequency_dim % 2:
+            raise ValueError(f"frequency_dim must be even and >= 4, got {frequency_dim}")
+        self.frequency_dim = frequency_dim
+        self.max_frequency = max_frequency
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def features(self, t: Tensor) -> Tensor:  # (B,) -> (B, frequency_dim)
+        half = self.frequency_dim // 2
+        # Built on the fly on t's device (no buffer to move, nothing stored in checkpoints).
+        freqs = torch.exp(torch.linspace(0.0, math.log(self.max_frequency), half, device=t.device, dtype=t.dtype))
+        angles = t[:, None] * freqs[None, :]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:  # (B,) -> (B, dim)
+        # Features in the parameters' precision (float32 / float64) even under autocast: bfloat16 has ~3 significant
+        # digits, too few for angles up to 100 rad.
+        return self.mlp(self.features(t.to(self.mlp[0].weight.dtype)))
+
+
+class ConditionEmbedding(nn.Module):
+    """(t, s, cond) -> (B, dim) = emb_t(t) + emb_h(t - s) + class_emb(cond).
+
+    With num_classes > 0 the class table has num_classes + 1 rows; row num_classes is the null label used for
+    classifier-free-guidance dropout, and cond=None means "all null". With num_classes = 0 there is no table: cond
+    must be None or all zeros (0 is then the null label, which is what label dropout produces).
+    """
+
+    def __init__(self, dim: int, num_classes: int = 0, frequency_dim: int = 256):
+        super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.time = TimeEmbedding(dim, frequency_dim)
+        self.gap = TimeEmbedding(dim, frequency_dim)
+        self.label = nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
+
+    def forward(self, t: Tensor, s: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # (B,), (B,), (B,) -> (B, D)
+        emb = self.time(t) + self.gap(t - s)
+        if cond is not None:
+            check_labels(cond, self.num_classes)
+        if self.label is None:
+            return emb
+        if cond is None:
+            cond = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)
+        return emb + self.label(cond.long().reshape(-1).expand(t.shape[0])).to(emb.dtype)

@@ -1,0 +1,200 @@
+"""The one generic Trainer: loop, AdamW with warm-up and clipping, EMA, autocast, checkpoints, logs, pictures.
+
+It never branches on the method: it asks the method for a loss and for samples. Exact resume: a checkpoint holds the
+weights, EMA, optimizer state, torch's global RNG (times, noise, dropout inside methods) and the data generator,
+so an interrupted run resumed from step N ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .build import DataInfo, Standardizer, build_method, resolve_device
+from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+                         prune_checkpoints, save_checkpoint, split_prefix)
+from .config import TrainConfig
+from .ema import EMA
+from .errors import JumpflowError, TrainingDiverged
+from .plots import save_panels
+
+PICTURE_SAMPLES = {"vector": 2000, "image": 64}
+
+
+def prepare_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to train into a run that exists unless resuming: nothing saved is ever overwritten by accident."""
+    out = Path(out)
+    occupied = out.exists() and any(out.iterdir())
+    if occupied and not resume:
+        raise JumpflowError(f"run directory {out} already exists and is not empty; pass --resume to continue it "
+                            f"or choose another --out")
+    if resume and latest_checkpoint(out) is None:
+        raise JumpflowError(f"cannot resume: {out} holds no checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out)
+        prepare_run_dir(self.out, resume)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+
+        self.dataset = data_lib.load(cfg.data, **cfg.data_options)
+        if cfg.class_conditional and self.dataset.num_classes == 0:
+            raise JumpflowError(f"class_conditional=true but dataset {self.dataset.name!r} has no labels")
+        num_classes = self.dataset.num_classes if cfg.class_conditional else 0
+        self.info = DataInfo(self.dataset.name, self.dataset.kind, tuple(self.dataset.shape), num_classes)
+        self.scaler = self._fit_scaler()
+
+        self.method = build_method(cfg, self.info).to(self.device)
+        self.ema = EMA(self.method.net, cfg.ema_decay)
+        self.params = self.method.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed)
+        # Fixed noise for the periodic pictures, drawn from its own generator so pictures never shift training RNG.
+        picture_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.picture_noise = torch.randn(PICTURE_SAMPLES[self.info.kind], *self.info.shape, generator=picture_gen)
+        self.step = 0
+        if resume:
+            self._restore(latest_checkpoint(self.out))
+        else:
+            cfg.save(self.out / "config.yaml")
+
+    def _fit_scaler(self) -> Standardizer:
+        mode = self.cfg.normalize
+        if mode == "auto":
+            is_file = not (self.cfg.data in data_lib.names())
+            mode = "standard" if is_file and self.dataset.kind == "vector" else "none"
+        if mode == "none":
+            return Standardizer()
+        return Standardizer.fit(self.dataset.train)
+
+    # --- learning-rate schedule --------------------------------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        warmup = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else self.cfg.lr
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def fit(self, stop_after: Optional[int] = None) -> dict:
+        """Train to cfg.steps. `stop_after` ends the loop early without a final checkpoint, like a killed job."""
+        cfg = self.cfg
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=f"{cfg.method}", unit="it",
+                   dynamic_ncols=True)
+        last = {}
+        started = time.perf_counter()
+        self.method.train()
+        while self.step < cfg.steps:
+            if stop_after is not None and self.step >= stop_after:
+                break
+            x, labels = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
+            x = self.scaler.encode(x).to(self.device, non_blocking=True)
+            labels = labels.to(self.device) if (labels is not None and self.info.num_classes) else None
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.step)
+
+            with autocast:
+                out = self.method.loss(x, labels)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                self._diverged(f"loss is {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if not torch.isfinite(grad_norm):
+                self._diverged(f"gradient norm is {grad_norm.item()}")
+            self.optimizer.step()
+            self.ema.update(self.method.net, self.step)
+            self.step += 1
+            bar.update(1)
+
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                last = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                        "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in out.metrics.items()},
+                        "elapsed_s": round(time.perf_counter() - started, 3)}
+                self._log(last)
+                bar.set_postfix(loss=f"{last['loss']:.4g}")
+            if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
+                self.save_picture()
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        return last
+
+    def _diverged(self, what: str) -> None:
+        kept = latest_checkpoint(self.out)
+        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
+        raise TrainingDiverged(f"training diverged at step {self.step + 1}: {what}; stopped without saving, {where}. "
+                               f"Try a lower lr, a longer warm-up or grad_clip.")
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- pictures ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, steps: int, labels=None) -> torch.Tensor:
+        """EMA-weight samples in data space."""
+        self.method.eval()
+        try:
+            z = self.method.sample(noise.to(self.device), steps, labels=labels, net=self.ema.shadow)
+        finally:
+            self.method.train()
+        return self.scaler.decode(z.float().cpu())
+
+    def save_picture(self) -> Path:
+        noise = self.picture_noise
+        labels = None
+        if self.info.num_classes:
+            labels = torch.arange(noise.shape[0], device=self.device) % self.info.num_classes
+        panels = [("data", self.dataset.reference(noise.shape[0]))]
+        for k in self.cfg.sample_steps:
+            panels.append((f"{k} step{'s' if k > 1 else ''} (NFE {self.method.nfe(k)})", self.sample(noise, k, labels)))
+        return save_panels(self.out / "samples" / f"step_{self.step:07d}.png", panels,
+                           title=f"{self.cfg.method} on {self.info.name}, step {self.step} (EMA)")
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.method.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
+        optim_tensors, groups = optimizer_to_tensors(self.optimizer)
+        tensors.update(optim_tensors)
+        tensors.update(self.scaler.tensors())
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.data"] = self.data_generator.get_state()
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = state
+        metadata = {"step": str(self.step), "config": json.dumps(self.cfg.to_dict()),
+                    "data": json.dumps(self.info.to_dict()), "optim_groups": groups}
+        path = self.out / "checkpoints" / f"step_{self.step:07d}.safetensors"
+        save_checkpoint(path, tensors, metadata)
+        prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        tensors, metadata = load_checkpoint(path)
+        try:
+            self.method.load_state_dict(split_prefix(tensors, "model"))
+            self.ema.shadow.load_state_dict(split_prefix(tensors, "ema"))
+            optimizer_from_tensors(self.optimizer, tensors, metadata["optim_groups"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise JumpflowError(f"checkpoint {path} does not match this run's config: {e}") from e
+        self.scaler = Standardizer.from_tensors(tensors)
+        torch.set_rng_state(tensors["rng.torch"])
+        self.data_generator.set_state(tensors["rng.data"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        self.step = int(metadata["step"])
