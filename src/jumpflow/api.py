@@ -107,7 +107,7 @@ def evaluate(samples: Tensor, data: str, noise: Optional[Tensor] = None, seed: i
     """Toy metrics of `samples` against dataset `data` (with real-vs-real floors); with the starting `noise`, also
     the point-by-point flow-map error against the exact map where the dataset has one."""
     from . import data as data_lib
-    from .eval import evaluate_samples, flow_map_error
+    from .eval import evaluate_samples
 
     dataset = data_lib.load(data, **data_options)
     samples = torch.as_tensor(samples, dtype=torch.float32)
@@ -116,7 +116,8 @@ def evaluate(samples: Tensor, data: str, noise: Optional[Tensor] = None, seed: i
                             f"{tuple(dataset.shape)}")
     if not torch.isfinite(samples).all():
         raise JumpflowError("samples contain NaN or infinite values")
-    result = evaluate_samples(samples, dataset, seed=seed)
-    if noise is not None and dataset.has_flow_map:
-        result["flow_map_error"] = float(flow_map_error(samples, torch.as_tensor(noise, dtype=torch.float32), dataset))
-    return result
+    if noise is not None:
+        noise = torch.as_tensor(noise, dtype=torch.float32)
+        if noise.shape != samples.shape:
+            raise JumpflowError(f"noise has shape {tuple(noise.shape)} but samples have {tuple(samples.shape)}")
+    return evaluate_samples(samples, dataset, seed=seed, noise=noise)

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import jumpflow
+from jumpflow import TrainConfig
+from jumpflow.checkpoint import list_checkpoints
+from jumpflow.errors import JumpflowError, TrainingDiverged
+from jumpflow.methods.flow_matching import FlowMatching
+
+
+def tiny(**overrides) -> TrainConfig:
+    values = dict(method="meanflow", data="8gaussians", steps=12, batch_size=32, lr=1e-3, warmup_steps=3,
+                  backbone_options={"width": 32, "depth": 1}, log_every=2, sample_every=0, checkpoint_every=4,
+                  keep_checkpoints=10, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
+    full = jumpflow.train(tiny(), tmp_path / "full")
+    jumpflow.train(tiny(), tmp_path / "cut", stop_after=6)  # killed at step 6: last checkpoint is step 4
+    assert max(list_checkpoints(tmp_path / "cut")) == 4
+    resumed = jumpflow.train(tiny(), tmp_path / "cut", resume=True)
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert set(a) == set(b)
+    for key in a:
+        if key.startswith(("model.", "ema.", "optim.")):
+            assert torch.equal(a[key], b[key]), key
+    # and the run really trained: weights moved away from their initial values
+    first = load_file(str(list_checkpoints(tmp_path / "full")[4]))
+    assert not torch.equal(first["model.net.out.weight"], a["model.net.out.weight"])
+
+
+def test_run_directory_holds_config_metrics_pictures_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    jumpflow.train(tiny(steps=8, sample_every=4, method_options={"adaptive_power": 0.75}), out)
+    saved = TrainConfig.load(out / "config.yaml")
+    assert saved.method_options == {"adaptive_power": 0.75} and saved.steps == 8
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert all(set(r) >= {"loss", "lr", "grad_norm", "mse"} for r in records)
+    assert records[0]["lr"] < records[-1]["lr"] == 1e-3  # linear warm-up, then constant
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000004.png", "step_0000008.png"]
+    assert sorted(list_checkpoints(out)) == [4, 8]
+
+
+def test_old_checkpoints_are_pruned_to_keep_checkpoints(tmp_path):
+    jumpflow.train(tiny(keep_checkpoints=2), tmp_path / "run")
+    assert sorted(list_checkpoints(tmp_path / "run")) == [8, 12]
+
+
+def test_existing_run_is_refused_without_resume_and_left_untouched(tmp_path):
+    out = tmp_path / "run"
+    ckpt = jumpflow.train(tiny(steps=4), out)
+    before = ckpt.read_bytes()
+    with pytest.raises(JumpflowError, match="--resume"):
+        jumpflow.train(tiny(steps=4), out)
+    assert ckpt.read_bytes() == before
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = FlowMatching.loss
+
+    def poisoned(self, x, labels):
+        calls["n"] += 1
+        out = real_loss(self, x, labels)
+        if calls["n"] > 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(FlowMatching, "loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"step 6.*step_0000004"):
+        jumpflow.train(tiny(method="flow_matching"), out)
+    assert sorted(list_checkpoints(out)) == [4]
+    assert jumpflow.load(out).step == 4  # the kept checkpoint is whole and loads
+
+
+def test_checkpoint_alone_samples_with_ema_weights_and_fixed_noise(tmp_path):
+    ckpt = jumpflow.train(tiny(), tmp_path / "run")
+    model = jumpflow.load(ckpt)
+    noise = torch.randn(16, 2)
+    a = model.generate(noise=noise, steps=1)
+    b = jumpflow.load(tmp_path / "run").generate(noise=noise, steps=1)
+    assert torch.equal(a, b) and a.shape == (16, 2)
+    ema = load_file(str(ckpt))
+    assert torch.equal(model.net.out.weight, ema["ema.out.weight"])
+    assert not torch.equal(ema["ema.out.weight"], ema["model.net.out.weight"])
+    assert torch.equal(model.generate(4, seed=3), model.generate(4, seed=3))
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(JumpflowError, match="does not exist"):
+        jumpflow.load(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01not a checkpoint")
+    with pytest.raises(JumpflowError, match="corrupt"):
+        jumpflow.load(bad)
+    ckpt = jumpflow.train(tiny(steps=4), tmp_path / "run")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(ckpt.read_bytes()[:-100])
+    with pytest.raises(JumpflowError, match="corrupt"):
+        jumpflow.load(truncated)
+    with pytest.raises(JumpflowError, match="no checkpoint"):
+        jumpflow.load(tmp_path)
+
+
+def test_vector_files_are_standardised_and_samples_come_back_in_data_space(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(512, 3)) * np.array([100.0, 1.0, 0.01]) + np.array([1000.0, 0.0, -5.0])
+    np.save(tmp_path / "data.npy", data.astype(np.float32))
+    ckpt = jumpflow.train(tiny(data=str(tmp_path / "data.npy"), method="flow_matching", steps=4), tmp_path / "run")
+    samples = jumpflow.load(ckpt).generate(256, steps=2, seed=0)
+    assert abs(samples[:, 0].mean().item() - 1000.0) < 50  # decoded back to the data's own scale
+    assert abs(samples[:, 2].mean().item() + 5.0) < 0.5
