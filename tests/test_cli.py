@@ -104,6 +104,15 @@ def test_resume_continues_a_run_to_more_steps(run_dir, tmp_path):
     shutil.copytree(run_dir, copy)
     assert main(["train", "--out", str(copy), "--resume", "--steps", "8", "progress=false"]) == 0
     assert (copy / "checkpoints" / "step_0000008.safetensors").exists()
+    assert main(["train", "--out", str(copy), "--resume", "progress=false"]) == 0  # saved steps (8) are kept
+    from jumpflow.checkpoint import list_checkpoints
+
+    assert max(list_checkpoints(copy)) == 8
+
+
+def test_resume_refuses_to_change_the_recipe(run_dir, capsys):
+    assert main(["train", "--out", str(run_dir), "--resume", "--lr", "0.5"]) == 2
+    assert "cannot change lr when resuming" in capsys.readouterr().err
 
 
 def test_the_installed_entry_point_reports_errors_with_a_nonzero_exit():
@@ -111,3 +120,14 @@ def test_the_installed_entry_point_reports_errors_with_a_nonzero_exit():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr and "Traceback" not in proc.stderr
     assert subprocess.run([sys.executable, "-m", "jumpflow", "--help"], capture_output=True).returncode == 0
+
+
+def test_digits_preset_builds_and_trains_a_step(tmp_path):
+    out = tmp_path / "digits"
+    assert main(["train", "--preset", "digits", "--method", "flow_matching", "--steps", "1", "--batch-size", "4",
+                 "--out", str(out), "progress=false"]) == 0
+    import jumpflow
+
+    model = jumpflow.load(out)
+    assert model.generate(3, steps=2, seed=0).shape == (3, 1, 8, 8)
+    assert (out / "samples" / "step_0000001.png").exists()

@@ -16,23 +16,42 @@ from .errors import JumpflowError
 from .train import Trainer
 
 
-def train(config: Union[TrainConfig, Dict[str, Any]], out: Union[str, Path], resume: bool = False,
-          stop_after: Optional[int] = None) -> Path:
-    """Train a run into `out` (refuses an existing run unless resume=True) and return the final checkpoint path.
+RESUMABLE_FIELDS = ("steps", "progress", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
 
-    On resume the saved config.yaml is used; `config` may only change how long to train (`steps`) and logging.
+
+def train(config: Union[TrainConfig, Dict[str, Any], None], out: Union[str, Path], resume: bool = False,
+          stop_after: Optional[int] = None) -> Path:
+    """Train a run into `out` (refuses an existing run unless resume=True) and return the latest checkpoint path.
+
+    On resume the run's saved config.yaml is used; `config` (a dict of changes, or a TrainConfig whose fields are
+    read) may only change how long to train and how often to log, sample and checkpoint.
     """
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     out = Path(out)
-    if resume and (out / "config.yaml").exists():
-        saved = TrainConfig.load(out / "config.yaml")
-        for field in ("steps", "progress", "log_every", "sample_every", "checkpoint_every"):
-            setattr(saved, field, getattr(cfg, field))
-        cfg = saved
-        cfg.save(out / "config.yaml")
+    if resume:
+        cfg = _resumed_config(config, out)
+    else:
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config or {}))
     trainer = Trainer(cfg, out, resume=resume)
+    if resume:
+        cfg.save(out / "config.yaml")
     trainer.fit(stop_after=stop_after)
     return latest_checkpoint(out) or out
+
+
+def _resumed_config(changes, out: Path) -> TrainConfig:
+    if not (out / "config.yaml").exists():
+        raise JumpflowError(f"cannot resume: {out} has no config.yaml (is it a jumpflow run directory?)")
+    saved = TrainConfig.load(out / "config.yaml")
+    if isinstance(changes, TrainConfig):
+        changes = {k: getattr(changes, k) for k in RESUMABLE_FIELDS}
+    changes = dict(changes or {})
+    refused = sorted(k for k, v in changes.items() if k not in RESUMABLE_FIELDS and getattr(saved, k, None) != v)
+    if refused:
+        raise JumpflowError(f"cannot change {', '.join(refused)} when resuming (only {', '.join(RESUMABLE_FIELDS)}); "
+                            f"start a new run instead")
+    values = saved.to_dict()
+    values.update(changes)
+    return TrainConfig.from_dict(values)
 
 
 class LoadedModel:

@@ -20,19 +20,23 @@ def _train(args) -> None:
     from .config import TrainConfig, apply_overrides, parse_overrides
     from .presets import get_preset
 
+    flags = {"method": args.method, "data": args.data, "steps": args.steps, "backbone": args.backbone,
+             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.class_conditional:
+        given["class_conditional"] = True
+    overrides = parse_overrides(args.overrides)
+    if args.resume:  # only what the user typed; the run's saved config supplies the rest
+        ckpt = api.train({**given, **overrides}, args.out, resume=True)
+        print(f"run {args.out} resumed; latest checkpoint: {ckpt}")
+        return
     values = TrainConfig().to_dict()
     if args.preset:
         values.update(get_preset(args.preset))
-    flags = {"method": args.method, "data": args.data, "steps": args.steps, "backbone": args.backbone,
-             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if args.class_conditional:
-        values["class_conditional"] = True
+    values.update(given)
     method_fields = [f.name for f in dataclasses.fields(methods.METHODS[values["method"]].Config)]
-    values = apply_overrides(values, parse_overrides(args.overrides), method_fields)
-    cfg = TrainConfig.from_dict(values)
-    methods.METHODS[cfg.method]  # unknown names fail before any directory is made
-    ckpt = api.train(cfg, args.out, resume=args.resume)
+    cfg = TrainConfig.from_dict(apply_overrides(values, overrides, method_fields))
+    ckpt = api.train(cfg, args.out)
     print(f"run written to {args.out}; final checkpoint: {ckpt}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -89,8 +90,9 @@ class Trainer:
         """Train to cfg.steps. `stop_after` ends the loop early without a final checkpoint, like a killed job."""
         cfg = self.cfg
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        # In a log file (not a terminal) redraw rarely: every redraw is a new line there.
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=f"{cfg.method}", unit="it",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         last = {}
         started = time.perf_counter()
         self.method.train()
@@ -121,7 +123,8 @@ class Trainer:
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 last = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                        "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in out.metrics.items()},
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        **{k: float(v) for k, v in out.metrics.items()},
                         "elapsed_s": round(time.perf_counter() - started, 3)}
                 self._log(last)
                 bar.set_postfix(loss=f"{last['loss']:.4g}")
