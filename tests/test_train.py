@@ -39,7 +39,8 @@ def test_run_directory_holds_config_metrics_pictures_and_checkpoints(tmp_path):
     jumpflow.train(tiny(steps=8, sample_every=4, method_options={"adaptive_power": 0.75}), out)
     saved = TrainConfig.load(out / "config.yaml")
     assert saved.method_options == {"adaptive_power": 0.75} and saved.steps == 8
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     assert all(set(r) >= {"loss", "lr", "grad_norm", "mse"} for r in records)
     assert records[0]["lr"] < records[-1]["lr"] == 1e-3  # linear warm-up, then constant
@@ -119,3 +120,27 @@ def test_vector_files_are_standardised_and_samples_come_back_in_data_space(tmp_p
     samples = jumpflow.load(ckpt).generate(256, steps=2, seed=0)
     assert abs(samples[:, 0].mean().item() - 1000.0) < 50  # decoded back to the data's own scale
     assert abs(samples[:, 2].mean().item() + 5.0) < 0.5
+
+
+def test_meanflow_runs_its_jvp_self_check_before_training(tmp_path):
+    out = tmp_path / "run"
+    jumpflow.train(tiny(steps=2), out)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["self_check"]["ok"] == 1.0
+    assert first["self_check"]["jvp_relative_error"] < 1e-2
+
+
+def test_failed_self_check_stops_before_any_step(tmp_path, monkeypatch):
+    from jumpflow.methods.meanflow import MeanFlow
+
+    monkeypatch.setattr(MeanFlow, "self_check", lambda self, x, labels: {"jvp_relative_error": 0.7, "ok": 0.0})
+    with pytest.raises(JumpflowError, match="finite_difference"):
+        jumpflow.train(tiny(), tmp_path / "run")
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_bf16_autocast_trains_both_methods_with_finite_losses(tmp_path):
+    for method in ("meanflow", "flow_matching"):
+        jumpflow.train(tiny(method=method, steps=4, precision="bf16"), tmp_path / method)
+        records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)

@@ -102,6 +102,8 @@ class Trainer:
             x, labels = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
             x = self.scaler.encode(x).to(self.device, non_blocking=True)
             labels = labels.to(self.device) if (labels is not None and self.info.num_classes) else None
+            if self.step == 0:
+                self._self_check(x, labels)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
 
@@ -134,6 +136,19 @@ class Trainer:
                 self.save()
         bar.close()
         return last
+
+    def _self_check(self, x, labels) -> None:
+        """The method's own sanity check before training (MeanFlow: exact JVP vs finite difference). It runs on a
+        forked RNG so a run's random stream is the same with or without it."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            report = self.method.self_check(x, labels)
+        if not report:
+            return
+        self._log({"step": 0, "self_check": report})
+        if not report.get("ok", 1.0):
+            raise JumpflowError(f"{self.cfg.method} self-check failed before training: {report}. For a JVP "
+                                f"mismatch, an op in the backbone lacks a correct forward-mode rule: try "
+                                f"jvp_mode=finite_difference")
 
     def _diverged(self, what: str) -> None:
         kept = latest_checkpoint(self.out)

@@ -42,6 +42,11 @@ class Method(nn.Module):
     def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
         raise NotImplementedError
 
+    def self_check(self, x: Tensor, labels: Optional[Tensor]) -> Dict[str, float]:
+        """Run once by the Trainer before the first step; a method whose loss relies on something that can silently
+        be wrong on a given model (a JVP rule) checks it here and returns {"ok": 0.0 or 1.0, ...}."""
+        return {}
+
     def trainable_parameters(self) -> List[nn.Parameter]:
         """What the optimizer updates; methods with several optimizers (DMD2, SiD) override the trainer hooks."""
         return list(self.net.parameters())

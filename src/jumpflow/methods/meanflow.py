@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..jvp import refuse_ddp, total_derivative
+from ..jvp import jvp_self_check, refuse_ddp, total_derivative
 from ..paths import conditional_velocity, expand_time, interpolate, sample_times, time_grid
 from . import register
 from .base import LossOutput, Method
@@ -84,6 +84,17 @@ class MeanFlow(Method):
         weight = 1.0 / (delta.detach() + cfg.adaptive_eps).pow(cfg.adaptive_power)  # adaptive loss weight
         loss = (weight * delta).mean()
         return LossOutput(loss, {"mse": delta.detach().mean() / x[0].numel()})
+
+    def self_check(self, x: Tensor, labels: Optional[Tensor]) -> dict:
+        """Exact forward-mode JVP vs a finite difference on this network, at a few training points."""
+        x = x[:16].float()
+        labels = labels[:16] if labels is not None else None
+        noise = torch.randn_like(x)
+        t, r = self.sample_time_pair(x.shape[0], x.device)
+        fn = lambda z_, t_, r_: self.net(z_, t_, r_, labels).float()  # noqa: E731
+        tangents = (conditional_velocity(x, noise), torch.ones_like(t), torch.zeros_like(r))
+        report = jvp_self_check(fn, (interpolate(x, noise, t), t, r), tangents)
+        return {"jvp_relative_error": report["relative_error"], "ok": float(report["ok"])}
 
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net=None, **options) -> Tensor:
