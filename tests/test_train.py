@@ -144,3 +144,14 @@ def test_bf16_autocast_trains_both_methods_with_finite_losses(tmp_path):
         jumpflow.train(tiny(method=method, steps=4, precision="bf16"), tmp_path / method)
         records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(tmp_path):
+    from jumpflow.train import Trainer
+
+    trainer = Trainer(tiny(steps=103, warmup_steps=3, lr_schedule="cosine"), tmp_path / "run")
+    rates = [trainer.learning_rate(step) for step in range(103)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[3:], rates[4:])) and rates[-1] < 1e-6
+    with pytest.raises(JumpflowError, match="lr_schedule"):
+        tiny(lr_schedule="linear").validate()

@@ -32,7 +32,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 100  # linear warm-up, then constant (MeanFlow trains at a constant rate)
+    warmup_steps: int = 100  # linear warm-up, then the schedule below
+    lr_schedule: str = "constant"  # "constant" (MeanFlow's recipe) or "cosine" (decay to 0 at `steps`)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.999
     seed: int = 0
@@ -67,6 +68,8 @@ class TrainConfig:
             raise JumpflowError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.precision not in ("fp32", "bf16"):
             raise JumpflowError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise JumpflowError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.normalize not in ("auto", "standard", "none"):
             raise JumpflowError(f"normalize must be auto, standard or none, got {self.normalize!r}")
         if not self.sample_steps or any(not isinstance(k, int) or k < 1 for k in self.sample_steps):

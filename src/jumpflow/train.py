@@ -82,8 +82,14 @@ class Trainer:
 
     # --- learning-rate schedule --------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
-        warmup = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else self.cfg.lr
+        """Linear warm-up, then constant or a cosine decay to 0 at cfg.steps (a resumed run that changes `steps`
+        changes the rest of a cosine schedule)."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.lr * warm
 
     # --- the loop -------------------------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:
@@ -110,14 +116,14 @@ class Trainer:
             with autocast:
                 out = self.method.loss(x, labels)
             loss = out.loss
-            if not torch.isfinite(loss):
-                self._diverged(f"loss is {loss.item()}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            if not torch.isfinite(grad_norm):
-                self._diverged(f"gradient norm is {grad_norm.item()}")
+            # One host sync per step: a NaN loss also makes the gradient norm NaN, so a single check guards both,
+            # before the optimizer can write a non-finite value into the weights.
+            if not torch.isfinite(loss.detach() + grad_norm):
+                self._diverged(f"loss is {loss.item()}, gradient norm is {grad_norm.item()}")
             self.optimizer.step()
             self.ema.update(self.method.net, self.step)
             self.step += 1
