@@ -67,3 +67,18 @@ def test_unknown_option_and_bad_steps_are_clear_errors():
     method = methods.get("meanflow", ExactGaussian(MU, STD), (2,))
     with pytest.raises(JumpflowError, match="positive integer"):
         method.sample(torch.randn(2, 2, dtype=torch.float64), 0)
+
+
+def test_independent_time_pairs_put_r_near_zero_and_keep_r_below_t():
+    torch.manual_seed(0)
+    method = methods.get("meanflow", ExactGaussian(MU, STD), (2,), time_pair="independent", time_mean=-0.6,
+                         time_std=1.6, flow_matching_share=0.0)
+    t, r = method.sample_time_pair(20000, "cpu")
+    assert (r <= t).all()
+    corner = ((t > 0.9) & (r < 0.1)).float().mean()  # the pairs that train the 1-step jump (t ~ 1, r ~ 0)
+    assert r.median() < 0.05 and corner > 0.02
+    t, r = methods.get("meanflow", ExactGaussian(MU, STD), (2,), flow_matching_share=0.0).sample_time_pair(20000, "cpu")
+    assert ((t > 0.9) & (r < 0.1)).float().mean() < 0.002  # the paper's sorted pairs almost never reach it
+    bad = methods.get("meanflow", ExactGaussian(MU, STD), (2,), time_pair="shuffled")
+    with pytest.raises(JumpflowError, match="independent"):
+        bad.sample_time_pair(4, "cpu")

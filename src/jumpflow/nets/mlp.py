@@ -46,7 +46,8 @@ class MLP(nn.Module):
     data_rank = 1  # build() checks len(shape) against this
 
     def __init__(self, shape: Sequence[int], num_classes: int = 0, width: int = 256, depth: int = 4,
-                 emb_dim: Optional[int] = None, frequency_dim: int = 128, dropout: float = 0.0):
+                 emb_dim: Optional[int] = None, frequency_dim: int = 128, dropout: float = 0.0,
+                 max_frequency: float = 20.0):
         super().__init__()
         shape = tuple(int(d) for d in shape)
         if len(shape) != 1 or shape[0] < 1:
@@ -57,7 +58,7 @@ class MLP(nn.Module):
         self.shape = shape
         self.num_classes = num_classes
         emb_dim = emb_dim or width
-        self.cond = ConditionEmbedding(emb_dim, num_classes, frequency_dim)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, frequency_dim, max_frequency)
         self.inp = nn.Linear(shape[0], width)
         self.blocks = nn.ModuleList([ResidualBlock(width, emb_dim, dropout) for _ in range(depth)])
         self.out = nn.Linear(width, shape[0])

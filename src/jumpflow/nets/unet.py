@@ -111,7 +111,8 @@ class UNet(nn.Module):
     def __init__(self, shape: Sequence[int], num_classes: int = 0, channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Optional[Sequence[int]] = None, dropout: float = 0.0,
-                 head_channels: int = 64, frequency_dim: int = 256):
+                 head_channels: int = 64, frequency_dim: int = 256,
+                 max_frequency: float = 20.0):
         super().__init__()
         shape = tuple(int(d) for d in shape)
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -129,7 +130,7 @@ class UNet(nn.Module):
         self.shape = shape
         self.num_classes = num_classes
         emb_dim = 4 * channels
-        self.cond = ConditionEmbedding(emb_dim, num_classes, frequency_dim)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, frequency_dim, max_frequency)
         self.inp = nn.Conv2d(cin, channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> nn.Module:
