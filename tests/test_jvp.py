@@ -32,7 +32,8 @@ def test_exact_jvp_matches_central_difference_of_the_total_derivative():
 
 def test_exact_mode_keeps_the_gradient_through_the_primal_output():
     net = small_net()
-    z, t, r = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    z, t = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    r = torch.zeros(4, dtype=torch.float64)
     out, _ = total_derivative(fn_of(net), (z, t, r), (z, torch.ones_like(t), torch.zeros_like(r)))
     out.sum().backward()
     reference = [p.grad.clone() for p in net.parameters()]

@@ -80,7 +80,8 @@ class LoadedModel:
             noise = self.noise(n, seed)
         noise = torch.as_tensor(noise, dtype=torch.float32)
         if tuple(noise.shape[1:]) != self.info.shape:
-            raise JumpflowError(f"noise has shape {tuple(noise.shape)}, expected (N, {', '.join(map(str, self.info.shape))})")
+            expected = ", ".join(map(str, self.info.shape))
+            raise JumpflowError(f"noise has shape {tuple(noise.shape)}, expected (N, {expected})")
         labels = self._labels(cls, noise.shape[0])
         steps = steps if steps is not None else self.method.default_sample_steps
         z = self.method.sample(noise.to(self.device), steps, labels=labels, **options)

@@ -81,10 +81,13 @@ def compare(entries: Sequence[Entry], data: str, out: Path, base: Dict, n_eval: 
 def table(results: Sequence[Result]) -> str:
     """Markdown table; the last row is the real-vs-real floor of each metric (what a perfect model scores)."""
     present = [c for c in COLUMNS if c[0] in results[0].metrics]
-    head = "| method | steps | NFE | " + " | ".join(f"{h} ({'↓' if b == 'lower' else '↑'})" for _, h, b in present) + " |"
+    arrows = [f"{h} ({'↓' if b == 'lower' else '↑'})" for _, h, b in present]
+    head = "| method | steps | NFE | " + " | ".join(arrows) + " |"
     lines = [head, "|" + "---|" * (3 + len(present))]
     for r in results:
-        lines.append(f"| {r.method} | {r.steps} | {r.nfe} | " + " | ".join(f"{r.metrics[k]:.3f}" for k, _, _ in present) + " |")
-    floors = [f"{results[0].metrics[k + '_floor']:.3f}" if k + "_floor" in results[0].metrics else "0" for k, _, _ in present]
+        values = " | ".join(f"{r.metrics[k]:.3f}" for k, _, _ in present)
+        lines.append(f"| {r.method} | {r.steps} | {r.nfe} | {values} |")
+    first = results[0].metrics
+    floors = [f"{first[k + '_floor']:.3f}" if k + "_floor" in first else "0" for k, _, _ in present]
     lines.append("| real data (floor) | | | " + " | ".join(floors) + " |")
     return "\n".join(lines)

@@ -23,7 +23,8 @@ def image_grid(images: Tensor, nrow: Optional[int] = None, pad: int = 1) -> Imag
     canvas = torch.full((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[:, top:top + h, left:left + w] = images[i]
     array = canvas.permute(1, 2, 0).numpy()
     return Image.fromarray(array[..., 0] if c == 1 else array[..., :3], mode="L" if c == 1 else "RGB")
 

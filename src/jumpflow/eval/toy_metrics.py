@@ -236,9 +236,10 @@ def evaluate_samples(samples: Tensor, dataset: Dataset, n_reference: Optional[in
     ref (n_reference rows, default N) and ref2 (N rows). Values compare samples with ref; floors compare ref2 with
     ref the same way (same projections, same MMD bandwidths: the median heuristic on ref), so a value near its
     floor is as good as real data at this sample size. For the density and support metrics the floor is the metric
-    on ref2 itself (mode_balance: ref2's histogram against ref's). Finite datasets return their test split from reference(); when it is too short, ref and ref2
-    are its two disjoint halves and `floor_note` says so. With `noise` (the inputs that produced `samples`) and an
-    exact flow map, `flow_map_error` and `flow_map_error_rel` are added (their floor is 0 by definition).
+    on ref2 itself (mode_balance: ref2's histogram against ref's). Finite datasets return their test split from
+    reference(); when it is too short, ref and ref2 are its two disjoint halves and `floor_note` says so. With
+    `noise` (the inputs that produced `samples`) and an exact flow map, `flow_map_error` and `flow_map_error_rel`
+    are added (their floor is 0 by definition).
 
     Returns plain floats keyed: n_samples, sliced_wasserstein, energy_distance, mmd, [log_likelihood],
     [support_fraction, mode_coverage, mode_balance], each with `_floor`, plus optional floor_note.

@@ -30,8 +30,9 @@ def catalogue() -> List[Dict[str, Any]]:
     out = []
     for name in METHODS.names():
         cls = METHODS[name]
-        out.append({"name": name, "kind": cls.kind, "paper": cls.paper,
-                    "defaults": dataclasses.asdict(cls.Config()), "summary": (cls.__doc__ or "").strip().split("\n")[0]})
+        summary = (cls.__doc__ or "").strip().split("\n")[0]
+        out.append({"name": name, "kind": cls.kind, "paper": cls.paper, "defaults": dataclasses.asdict(cls.Config()),
+                    "summary": summary})
     return out
 
 

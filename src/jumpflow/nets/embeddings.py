@@ -1,8 +1,8 @@
 """Conditioning shared by every backbone: (t, s, label) -> one vector.
 
 Backbones take two times, t (now) and s (target of the jump, s <= t). We embed t and the gap h = t - s with two
-separate embedders and sum them (plus a class embedding), the (t, t - r) parameterisation of MeanFlow. h = 0 ("instantaneous
-velocity") is an ordinary input: sin(0) = 0, cos(0) = 1, nothing divides by h.
+separate embedders and sum them (plus a class embedding), the (t, t - r) parameterisation of MeanFlow.
+h = 0 ("instantaneous velocity") is an ordinary input: sin(0) = 0, cos(0) = 1, nothing divides by h.
 """
 
 from __future__ import annotations
