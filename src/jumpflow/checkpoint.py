@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import JumpflowError
@@ -43,11 +43,9 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     if not path.is_file():
         raise JumpflowError(f"checkpoint {path} does not exist")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: tensors and metadata together, no pickle
             metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise JumpflowError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from e
     if metadata.get("format") != FORMAT:
