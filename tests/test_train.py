@@ -128,6 +128,7 @@ def test_meanflow_runs_its_jvp_self_check_before_training(tmp_path):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and first["self_check"]["ok"] == 1.0
     assert first["self_check"]["jvp_relative_error"] < 1e-2
+    assert first["self_check"]["jvp_norm"] > 1e-3  # not vacuous although the backbone's output layer starts at zero
 
 
 def test_failed_self_check_stops_before_any_step(tmp_path, monkeypatch):

@@ -78,11 +78,12 @@ def jvp_self_check(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangent
                    step: float = 1e-3, tolerance: float = 1e-2) -> dict:
     """Compare exact forward-mode AD with a finite difference on the current model and inputs.
 
-    Returns {"relative_error", "ok"}; the relative error is ||exact - fd|| / (||exact|| + 1e-8). A failure points at
+    Returns {"relative_error", "norm" (of the exact JVP: 0 means the check saw nothing), "ok"}; the relative error is ||exact - fd|| / (||exact|| + 1e-8). A failure points at
     an op whose forward-mode rule is wrong or missing (a custom kernel, a fused attention path).
     """
     with torch.no_grad():
         _, exact = total_derivative(fn, primals, tangents, mode="exact")
         _, approx = total_derivative(fn, primals, tangents, mode="finite_difference", step=step)
-    rel = ((exact - approx).norm() / (exact.norm() + 1e-8)).item()
-    return {"relative_error": rel, "ok": rel <= tolerance}
+    norm = exact.norm().item()
+    rel = ((exact - approx).norm() / (norm + 1e-8)).item()
+    return {"relative_error": rel, "norm": norm, "ok": rel <= tolerance}
