@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -49,13 +49,14 @@ def train_entry(entry: Entry, data: str, out: Path, base: Dict, progress: bool) 
 
 
 def train_step_ms(run_dir: Path) -> float:
-    """Mean wall time of a training step, from the run's own log (pictures and checkpoints excluded)."""
+    """Mean wall time of a training step, from the run's own log. compare() trains with sample_every and
+    checkpoint_every at 0, so pictures and checkpoints come after the last logged time and are not counted."""
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     return 1000.0 * last["elapsed_s"] / last["step"]
 
 
 def compare(entries: Sequence[Entry], data: str, out: Path, base: Dict, n_eval: int = 2000, seed: int = 0,
-            progress: bool = True, picture: Optional[Path] = None) -> List[Result]:
+            progress: bool = True) -> List[Result]:
     out = Path(out)
     dataset = data_lib.load(data)
     noise = torch.randn(n_eval, *dataset.shape, generator=torch.Generator().manual_seed(seed + 12345))
@@ -72,7 +73,7 @@ def compare(entries: Sequence[Entry], data: str, out: Path, base: Dict, n_eval: 
             metrics = evaluate_samples(samples, dataset, seed=seed, noise=noise if dataset.has_flow_map else None)
             results.append(Result(entry.method, k, model.method.nfe(k), metrics, step_ms, elapsed))
             panels.append((f"{entry.method}, {k} step{'s' if k > 1 else ''}", samples))
-    save_panels(picture or out / "comparison.png", panels,
+    save_panels(out / "comparison.png", panels,
                 title=f"{dataset.name}: same noise, same training budget ({base.get('steps')} steps), EMA weights")
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
     return results

@@ -38,7 +38,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; JVPs always run in fp32)
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; JVPs always run in fp32, so MeanFlow's forward does too)
     log_every: int = 50
     sample_every: int = 1000  # 0: only at the end
     sample_steps: List[int] = field(default_factory=lambda: [1, 2])

@@ -78,8 +78,9 @@ def jvp_self_check(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangent
                    step: float = 1e-3, tolerance: float = 1e-2) -> dict:
     """Compare exact forward-mode AD with a finite difference on the current model and inputs.
 
-    Returns {"relative_error", "norm" (of the exact JVP: 0 means the check saw nothing), "ok"}; the relative error is ||exact - fd|| / (||exact|| + 1e-8). A failure points at
-    an op whose forward-mode rule is wrong or missing (a custom kernel, a fused attention path).
+    Returns {"relative_error", "norm" (of the exact JVP: 0 means the check saw nothing), "ok"}; the relative error
+    is ||exact - fd|| / (||exact|| + 1e-8). A failure points at an op whose forward-mode rule is wrong or missing
+    (a custom kernel, a fused attention path).
     """
     with torch.no_grad():
         _, exact = total_derivative(fn, primals, tangents, mode="exact")

@@ -80,13 +80,16 @@ class MeanFlow(Method):
         same = torch.rand(n, device=device) < cfg.flow_matching_share
         return t, torch.where(same, t, r)
 
+    def training_point(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(z_t, t, r, v): a point on the linear path, its time pair and the conditional velocity eps - x."""
+        noise = torch.randn_like(x)
+        t, r = self.sample_time_pair(x.shape[0], x.device)
+        return interpolate(x, noise, t), t, r, conditional_velocity(x, noise)
+
     def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
         cfg = self.config
         refuse_ddp(self.net)
-        noise = torch.randn_like(x)
-        t, r = self.sample_time_pair(x.shape[0], x.device)
-        z = interpolate(x, noise, t)
-        v = conditional_velocity(x, noise)
+        z, t, r, v = self.training_point(x)
         labels = self.drop_labels(labels, cfg.class_dropout)
 
         def average_velocity(z_, t_, r_):
@@ -109,13 +112,10 @@ class MeanFlow(Method):
             for p in probe.parameters():
                 if not p.any():
                     p.normal_(0.0, 0.02)
-        x = x[:16].float()
+        z, t, r, v = self.training_point(x[:16].float())
         labels = labels[:16] if labels is not None else None
-        noise = torch.randn_like(x)
-        t, r = self.sample_time_pair(x.shape[0], x.device)
         fn = lambda z_, t_, r_: probe(z_, t_, r_, labels).float()  # noqa: E731
-        tangents = (conditional_velocity(x, noise), torch.ones_like(t), torch.zeros_like(r))
-        report = jvp_self_check(fn, (interpolate(x, noise, t), t, r), tangents)
+        report = jvp_self_check(fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
         return {"jvp_relative_error": report["relative_error"], "jvp_norm": report["norm"],
                 "ok": float(report["ok"])}
 
