@@ -163,3 +163,29 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(tmp_path):
     assert all(a >= b for a, b in zip(rates[3:], rates[4:])) and rates[-1] < 1e-6
     with pytest.raises(JumpflowError, match="lr_schedule"):
         tiny(lr_schedule="linear").validate()
+
+
+def test_time_limit_ends_training_with_a_checkpoint_and_the_clock_survives_resume(tmp_path, monkeypatch):
+    import importlib
+
+    from jumpflow.checkpoint import load_checkpoint
+
+    train_module = importlib.import_module("jumpflow.train")  # the module, not the jumpflow.train function
+
+    clock = iter(range(10**6))  # a fake clock: every reading is one second later, so the test does not time anything
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    jumpflow.train(tiny(steps=10_000, time_limit_s=20.0, checkpoint_every=0), out)
+    _, meta = load_checkpoint(list_checkpoints(out)[max(list_checkpoints(out))])
+    first_step, first_seconds = int(meta["step"]), float(meta["train_seconds"])
+    assert 0 < first_step < 10_000 and first_seconds >= 20.0
+    assert (out / "samples" / f"step_{first_step:07d}.png").exists()
+
+    jumpflow.train({"time_limit_s": 40.0}, out, resume=True)
+    _, meta = load_checkpoint(list_checkpoints(out)[max(list_checkpoints(out))])
+    assert int(meta["step"]) > first_step and 40.0 <= float(meta["train_seconds"]) < 40.0 + first_seconds
+
+
+def test_negative_time_limit_is_refused():
+    with pytest.raises(JumpflowError, match="time_limit_s"):
+        tiny(time_limit_s=-1.0).validate()

@@ -16,7 +16,7 @@ from .errors import JumpflowError
 from .train import Trainer
 
 
-RESUMABLE_FIELDS = ("steps", "progress", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_FIELDS = ("steps", "time_limit_s", "progress", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
 
 
 def train(config: Union[TrainConfig, Dict[str, Any], None], out: Union[str, Path], resume: bool = False,

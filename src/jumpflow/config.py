@@ -27,6 +27,7 @@ class TrainConfig:
     class_conditional: bool = False
     normalize: str = "auto"  # "standard" (per-dimension mean/std), "none"; auto: standard for vector files only
     steps: int = 2000
+    time_limit_s: float = 0.0  # > 0: stop after this much training time (summed over resumes) even before `steps`
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -64,6 +65,8 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise JumpflowError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.time_limit_s, (int, float)) or self.time_limit_s < 0:
+            raise JumpflowError(f"time_limit_s must be a number >= 0 (0: no limit), got {self.time_limit_s!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise JumpflowError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.precision not in ("fp32", "bf16"):

@@ -66,6 +66,7 @@ class Trainer:
         picture_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.picture_noise = torch.randn(PICTURE_SAMPLES[self.info.kind], *self.info.shape, generator=picture_gen)
         self.step = 0
+        self.train_seconds = 0.0  # wall time spent in training steps, summed over resumes (pictures/saves excluded)
         if resume:
             self._restore(latest_checkpoint(self.out))
         else:
@@ -100,10 +101,15 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=f"{cfg.method}", unit="it",
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         last = {}
-        started = time.perf_counter()
+        self._clock_start = time.perf_counter()
         self.method.train()
         while self.step < cfg.steps:
             if stop_after is not None and self.step >= stop_after:
+                break
+            out_of_time = cfg.time_limit_s and self._tick() >= cfg.time_limit_s
+            if out_of_time:  # a wall-clock budget ends the run like a finished one: picture and checkpoint
+                self.save_picture()
+                self.save()
                 break
             x, labels = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
             x = self.scaler.encode(x).to(self.device, non_blocking=True)
@@ -133,15 +139,27 @@ class Trainer:
                 last = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
                         "lr": self.optimizer.param_groups[0]["lr"],
                         **{k: float(v) for k, v in out.metrics.items()},
-                        "elapsed_s": round(time.perf_counter() - started, 3)}
+                        "elapsed_s": round(self._tick(), 3)}
                 self._log(last)
                 bar.set_postfix(loss=f"{last['loss']:.4g}")
-            if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
-                self.save_picture()
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
-                self.save()
+            picture = (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps
+            checkpoint = (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps
+            if picture or checkpoint:
+                self._tick()
+                if picture:
+                    self.save_picture()
+                if checkpoint:
+                    self.save()
+                self._clock_start = time.perf_counter()  # the time spent saving is not training time
         bar.close()
         return last
+
+    def _tick(self) -> float:
+        """Add the time since the last tick to train_seconds and return it."""
+        now = time.perf_counter()
+        self.train_seconds += now - self._clock_start
+        self._clock_start = now
+        return self.train_seconds
 
     def _self_check(self, x, labels) -> None:
         """The method's own sanity check before training (MeanFlow: exact JVP vs finite difference). It runs on a
@@ -200,7 +218,8 @@ class Trainer:
         if torch.cuda.is_available():
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = state
-        metadata = {"step": str(self.step), "config": json.dumps(self.cfg.to_dict()),
+        metadata = {"step": str(self.step), "train_seconds": f"{self.train_seconds:.3f}",
+                    "config": json.dumps(self.cfg.to_dict()),
                     "data": json.dumps(self.info.to_dict()), "optim_groups": groups}
         path = self.out / "checkpoints" / f"step_{self.step:07d}.safetensors"
         save_checkpoint(path, tensors, metadata)
@@ -222,3 +241,4 @@ class Trainer:
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
         self.step = int(metadata["step"])
+        self.train_seconds = float(metadata.get("train_seconds", 0.0))

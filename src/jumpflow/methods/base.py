@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,8 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     Config: ClassVar[type]  # a dataclass of the method's options, defaults = the paper's values
     default_sample_steps: ClassVar[int] = 1
+    bench_steps: ClassVar[Tuple[int, ...]] = (1, 2)  # sampling step counts the benchmark measures
+    requires: ClassVar[str] = ""  # a pip package the method needs beyond jumpflow's core (peers)
 
     def __init__(self, net: nn.Module, config: Any, shape: tuple, num_classes: int = 0):
         super().__init__()
