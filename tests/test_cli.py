@@ -62,7 +62,7 @@ def test_methods_json_lists_both_methods_with_their_papers(capsys):
     entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
     assert {"flow_matching", "meanflow"} <= set(entries)
     for e in entries.values():
-        assert e["kind"] in ("from_scratch", "distillation") and e["paper"] and isinstance(e["defaults"], dict)
+        assert e["kind"] in ("from_scratch", "distillation", "peer") and e["paper"] and isinstance(e["defaults"], dict)
     assert entries["meanflow"]["defaults"]["adaptive_power"] == 1.0
 
 

@@ -16,7 +16,8 @@ from .errors import JumpflowError
 from .train import Trainer
 
 
-RESUMABLE_FIELDS = ("steps", "time_limit_s", "progress", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_FIELDS = ("steps", "time_limit_s", "progress", "log_every", "sample_every", "checkpoint_every",
+                    "keep_checkpoints")
 
 
 def train(config: Union[TrainConfig, Dict[str, Any], None], out: Union[str, Path], resume: bool = False,
@@ -61,6 +62,7 @@ class LoadedModel:
                  device: torch.device):
         self.method, self.info, self.config, self.scaler = method, info, config, scaler
         self.step, self.device = step, device
+        self.train_seconds = 0.0
 
     @property
     def net(self):
@@ -114,8 +116,10 @@ def load(path: Union[str, Path], device: str = "auto") -> LoadedModel:
     except RuntimeError as e:
         raise JumpflowError(f"checkpoint {ckpt} does not match its own config: {e}") from e
     dev = resolve_device(device)
-    return LoadedModel(method.to(dev).eval(), info, cfg, Standardizer.from_tensors(tensors),
-                       int(metadata["step"]), dev)
+    model = LoadedModel(method.to(dev).eval(), info, cfg, Standardizer.from_tensors(tensors), int(metadata["step"]),
+                        dev)
+    model.train_seconds = float(metadata.get("train_seconds", 0.0))  # training time that led to these weights
+    return model
 
 
 def sample(ckpt: Union[str, Path], n: int, steps: Optional[int] = None, seed: Optional[int] = None,

@@ -102,9 +102,23 @@ def _methods(args) -> None:
     if args.json:
         print(json.dumps(entries, indent=2))
         return
+    width = max(len(e["name"]) for e in entries) + 2
     for e in entries:
-        print(f"{e['name']:<16} {e['kind']:<13} {e['paper']}")
-        print(f"{'':<16} defaults: {', '.join(f'{k}={v}' for k, v in e['defaults'].items())}")
+        print(f"{e['name']:<{width}} {e['kind']:<13} {e['paper']}")
+        print(f"{'':<{width}} defaults: {', '.join(f'{k}={v}' for k, v in e['defaults'].items())}")
+
+
+def _bench(args) -> None:
+    from .bench import get_spec, run_bench
+
+    spec = get_spec(args.preset, methods=args.methods, datasets=args.datasets, steps=args.steps,
+                    time_limit_s=args.seconds, n_eval=args.n_eval, seed=args.seed,
+                    peers=False if args.no_peers else None)
+    out = Path(args.out or f"runs/bench-{spec.name}")
+    run_bench(spec, out, progress=not args.quiet)
+    print()
+    print((out / "table.md").read_text())
+    print(f"written to {out}: results.json, table.md, quality_vs_nfe.png, quality_vs_time.png, samples_*.png")
 
 
 def _demo(args) -> None:
@@ -152,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list registered methods, their papers and default options")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_methods)
+
+    b = sub.add_parser("bench", help="every method x dataset x NFE under one budget: table, plots, results.json")
+    b.add_argument("--preset", default="toys", help="smoke (seconds), toys (minutes), digits (CPU, tens of minutes), "
+                                                    "cifar10 (GPU); default toys")
+    b.add_argument("--out", help="directory (default runs/bench-PRESET); rerunning skips finished cells")
+    b.add_argument("--methods", nargs="+", help="method names, or all (default: all registered)")
+    b.add_argument("--datasets", nargs="+", help="datasets (default: the preset's)")
+    b.add_argument("--steps", type=int, help="training steps per cell (default: the preset's)")
+    b.add_argument("--seconds", type=float, help="wall-clock training budget per cell (stops early if reached)")
+    b.add_argument("--n-eval", type=int, help="samples per evaluation")
+    b.add_argument("--seed", type=int)
+    b.add_argument("--no-peers", action="store_true", help="leave out other packages' implementations")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_bench)
 
     d = sub.add_parser("demo", help="MeanFlow vs flow matching on a 2-D toy in about two minutes, with a picture")
     d.add_argument("--out", default=None, help="directory (default: a new runs/demo-N)")

@@ -29,8 +29,10 @@ def image_grid(images: Tensor, nrow: Optional[int] = None, pad: int = 1) -> Imag
     return Image.fromarray(array[..., 0] if c == 1 else array[..., :3], mode="L" if c == 1 else "RGB")
 
 
-def save_panels(path: Path, panels: Sequence[Panel], title: str = "", limits: Optional[float] = None) -> Path:
-    """One row of panels: scatter plots (first two coordinates) for vectors, image grids for images."""
+def save_panels(path: Path, panels: Sequence[Panel], title: str = "", limits: Optional[float] = None,
+                columns: Optional[int] = None) -> Path:
+    """Panels in rows of `columns` (default: one row): scatter plots (first two coordinates) for vectors, image grids
+    for images."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,11 +41,15 @@ def save_panels(path: Path, panels: Sequence[Panel], title: str = "", limits: Op
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     is_image = panels[0][1].dim() == 4
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    columns = min(columns or len(panels), len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 + 3.6 * (rows - 1)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     if limits is None and not is_image:
         reference = panels[0][1].float()
         limits = float(reference[:, :2].abs().max()) * 1.15 if reference.shape[1] > 1 else 3.0
-    for ax, (name, x) in zip(axes[0], panels):
+    for ax, (name, x) in zip(axes.flat, panels):
         x = x.detach().float().cpu()
         if is_image:
             grid = np.asarray(image_grid(x[:64]))

@@ -1,0 +1,155 @@
+"""Run a benchmark grid: for each dataset, train every method under the same budget (one cell each), score its EMA
+weights at each sampling step count on the same noise, at several checkpoints along training, and write the report.
+
+Resumable: a cell whose `rows.json` matches its settings is skipped; a cell whose training was interrupted resumes
+from its last checkpoint; a cell holding results of other settings is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import api, methods
+from ..checkpoint import list_checkpoints
+from ..config import TrainConfig
+from ..errors import JumpflowError
+from .quality import DatasetJudge
+from .report import write_report
+from .spec import BenchSpec, select_methods
+
+
+def cell_config(spec: BenchSpec, dataset: str, method: str, progress: bool) -> Dict[str, Any]:
+    values = TrainConfig().to_dict()
+    values.update(spec.training_for(dataset))
+    values.update(method=method, data=dataset, method_options=dict(spec.method_options.get(method, {})),
+                  seed=spec.seed, progress=progress, sample_every=0)
+    # Evenly spaced checkpoints, all kept: they are the points of the quality-vs-training-time curve.
+    values["checkpoint_every"] = max(1, values["steps"] // spec.curve_points)
+    values["keep_checkpoints"] = spec.curve_points + 1
+    return values
+
+
+def sample_steps_for(spec: BenchSpec, method: str) -> List[int]:
+    wanted = [k for k in methods.METHODS[method].bench_steps if k <= spec.max_sample_steps]
+    return wanted or [min(methods.METHODS[method].bench_steps)]
+
+
+def cell_key(config: Dict[str, Any], spec: BenchSpec, steps: List[int]) -> str:
+    """What a cell's results depend on (not how it was displayed): a changed setting means a different cell."""
+    relevant = {k: v for k, v in config.items() if k not in ("progress", "log_every")}
+    relevant.update(n_eval=spec.n_eval, sample_steps=steps)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def train_cell(config: Dict[str, Any], run_dir: Path) -> None:
+    if list_checkpoints(run_dir):
+        saved = TrainConfig.load(run_dir / "config.yaml").to_dict()
+        differs = sorted(k for k in config if k not in ("progress",) and saved.get(k) != config[k])
+        if differs:
+            raise JumpflowError(f"{run_dir} was trained with other settings ({', '.join(differs)}); "
+                                f"use another --out or delete that folder")
+        api.train({"progress": config["progress"]}, run_dir, resume=True)  # no-op when it had finished
+        return
+    if run_dir.exists():  # killed before its first checkpoint: nothing in it is worth keeping
+        shutil.rmtree(run_dir)
+    api.train(TrainConfig.from_dict(config), run_dir)
+
+
+def evaluate_cell(run_dir: Path, judge: DatasetJudge, steps: List[int], cell_dir: Path) -> List[Dict[str, Any]]:
+    """One row per (checkpoint, sampling steps); the final checkpoint's samples are kept for the pictures."""
+    rows, final_samples = [], {}
+    checkpoints = list_checkpoints(run_dir)
+    last = max(checkpoints)
+    for train_step, path in sorted(checkpoints.items()):
+        model = api.load(path)
+        for k in steps:
+            started = time.perf_counter()
+            samples = model.generate(noise=judge.noise, steps=k)
+            sample_seconds = time.perf_counter() - started
+            metrics = judge.score(samples)
+            rows.append({"method": model.config.method, "kind": type(model.method).kind, "steps": k,
+                         "nfe": model.method.nfe(k), "train_step": train_step, "final": train_step == last,
+                         "train_seconds": model.train_seconds, "sample_seconds": round(sample_seconds, 4),
+                         "metrics": metrics})
+            if train_step == last:
+                final_samples[f"steps_{k}"] = samples.contiguous()
+    save_file(final_samples, str(cell_dir / "final_samples.safetensors"))
+    return rows
+
+
+def run_cell(spec: BenchSpec, judge: DatasetJudge, dataset: str, method: str, out: Path,
+             progress: bool, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    cell_dir = out / dataset / method
+    config = cell_config(spec, dataset, method, progress)
+    steps = sample_steps_for(spec, method)
+    key = cell_key(config, spec, steps)
+    rows_file = cell_dir / "rows.json"
+    if rows_file.exists():
+        saved = json.loads(rows_file.read_text())
+        if saved.get("key") == key:
+            log(f"{dataset} / {method}: done before, skipped")
+            return saved["rows"]
+        raise JumpflowError(f"{cell_dir} holds results of other settings; use another --out or delete that folder")
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{dataset} / {method}: training ({config['steps']} steps"
+        + (f", at most {config['time_limit_s']:.0f} s)" if config.get("time_limit_s") else ")"))
+    train_cell(config, cell_dir / "run")
+    log(f"{dataset} / {method}: scoring {len(list_checkpoints(cell_dir / 'run'))} checkpoints at steps {steps}")
+    rows = [dict(row, dataset=dataset) for row in evaluate_cell(cell_dir / "run", judge, steps, cell_dir)]
+    _write_json_atomic(rows_file, {"key": key, "rows": rows})
+    return rows
+
+
+def machine() -> Dict[str, str]:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": device}
+
+
+def run_bench(spec: BenchSpec, out: Union[str, Path], progress: bool = True,
+              log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or finish) the grid into `out` and return the results (also written to out/results.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen, skipped = select_methods(spec)
+    for name, why in skipped.items():
+        log(f"{name}: skipped, {why}")
+    results: Dict[str, Any] = {"spec": asdict(spec), "machine": machine(), "skipped": skipped, "datasets": {},
+                               "rows": []}
+    for dataset in spec.datasets:
+        judge = DatasetJudge(dataset, spec.training_for(dataset).get("data_options", {}), spec.n_eval, spec.seed)
+        dataset_rows = []
+        for method in chosen:
+            dataset_rows += run_cell(spec, judge, dataset, method, out, progress, log)
+        floors = {k[: -len("_floor")]: v for k, v in dataset_rows[0]["metrics"].items() if k.endswith("_floor")}
+        results["datasets"][dataset] = {"kind": judge.kind, "n_eval": judge.n_eval, "floors": floors,
+                                        "columns": judge.columns}
+        results["rows"] += dataset_rows
+        panels = [("data", judge.reference())]
+        for method in chosen:
+            saved = load_file(str(out / dataset / method / "final_samples.safetensors"))
+            for k in sample_steps_for(spec, method):
+                panels.append((f"{method}, {k} step{'s' if k > 1 else ''}", saved[f"steps_{k}"]))
+        results["datasets"][dataset]["panels"] = panels
+    write_report(results, out)
+    for info in results["datasets"].values():
+        info.pop("panels")
+    _write_json_atomic(out / "results.json", results)
+    return results

@@ -1,0 +1,127 @@
+"""What a benchmark runs: datasets x methods x sampling steps under one training budget, and the named presets.
+
+Every method trains with the same backbone, optimizer, batch, seed and budget on a dataset (the dataset's `training`
+entry); only the method and its paper-default options change. Peers (other packages' implementations, kind "peer")
+join when their package is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import JumpflowError
+
+TOY_TRAINING = {"batch_size": 1024, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.999, "steps": 2000}
+DIGITS_TRAINING = {"backbone": "unet", "backbone_options": {"channels": 32, "channel_mult": [1, 2]},
+                   "batch_size": 128, "lr": 5e-4, "warmup_steps": 200, "ema_decay": 0.999, "steps": 2000}
+
+
+@dataclass
+class BenchSpec:
+    name: str = "custom"
+    datasets: List[str] = field(default_factory=lambda: ["checkerboard"])
+    training: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per dataset: TrainConfig values
+    methods: List[str] = field(default_factory=lambda: ["all"])  # "all": every registered non-peer method
+    peers: bool = True  # add peer rows whose package is importable
+    method_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per method; default: the paper's
+    steps: Optional[int] = None  # overrides every dataset's training steps
+    time_limit_s: float = 0.0  # > 0: each cell also stops after this much training time (the wall-clock budget)
+    max_sample_steps: int = 100  # caps each method's bench_steps (smoke keeps sampling cheap)
+    n_eval: int = 2000  # samples per evaluation (image data: capped at the size of the held-out split)
+    curve_points: int = 4  # checkpoints evaluated along training for the quality-vs-time plot
+    seed: int = 0
+    paper_numbers: List[Dict[str, Any]] = field(default_factory=list)  # published results shown beside ours
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "BenchSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise JumpflowError(f"unknown bench field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        spec = cls(**values)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if not self.datasets:
+            raise JumpflowError("a benchmark needs at least one dataset")
+        for name, value in (("n_eval", self.n_eval), ("curve_points", self.curve_points),
+                            ("max_sample_steps", self.max_sample_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise JumpflowError(f"{name} must be a positive integer, got {value!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise JumpflowError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.time_limit_s, (int, float)) or self.time_limit_s < 0:
+            raise JumpflowError(f"time_limit_s must be >= 0, got {self.time_limit_s!r}")
+
+    def training_for(self, dataset: str) -> Dict[str, Any]:
+        values = dict(self.training.get(dataset, self.training.get("*", {})))
+        if self.steps is not None:
+            values["steps"] = self.steps
+        if self.time_limit_s:
+            values["time_limit_s"] = float(self.time_limit_s)
+        return values
+
+
+def select_methods(spec: BenchSpec) -> Tuple[List[str], Dict[str, str]]:
+    """(methods to run, {method: why it is skipped}). "all" expands to every registered method that is not a peer,
+    so a new method joins the benchmark by registering; peers join when their package imports."""
+    from .. import methods
+
+    chosen: List[str] = []
+    for name in spec.methods:
+        if name == "all":
+            chosen += [m for m in methods.names() if methods.METHODS[m].kind != "peer"]
+        else:
+            methods.METHODS[name]  # unknown names fail here, listing the valid ones
+            chosen.append(name)
+    if spec.peers:
+        chosen += [m for m in methods.names() if methods.METHODS[m].kind == "peer"]
+    skipped = {}
+    for name in dict.fromkeys(chosen):
+        package = methods.METHODS[name].requires
+        if package and importlib.util.find_spec(package.replace("-", "_")) is None:
+            skipped[name] = f"needs the {package} package (pip install 'jumpflow[peers]')"
+    return [m for m in dict.fromkeys(chosen) if m not in skipped], skipped
+
+
+# Published CIFAR-10 (unconditional, 32x32) numbers for the methods jumpflow has, FID-50k against the training set.
+CIFAR10_PAPER_NUMBERS = [
+    {"method": "flow_matching", "nfe": 142, "fid": 6.35, "source": "Lipman et al. 2023, Table 1 (adaptive solver)"},
+    {"method": "meanflow", "nfe": 1, "fid": 2.92, "source": "Geng et al. 2025 (MeanFlow), CIFAR-10 U-Net"},
+    {"method": "ict", "nfe": 1, "fid": 2.51, "source": "Song & Dhariwal 2024 (iCT), abstract"},
+    {"method": "ict", "nfe": 2, "fid": 2.24, "source": "Song & Dhariwal 2024 (iCT), abstract"},
+]
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Seconds: what CI runs. A Gaussian mixture (exact flow map) and the digits, a few steps each.
+    "smoke": {"datasets": ["8gaussians", "digits"], "n_eval": 256, "curve_points": 2, "max_sample_steps": 4,
+              "training": {"8gaussians": dict(TOY_TRAINING, steps=30, batch_size=256,
+                                              backbone_options={"width": 64, "depth": 2}),
+                           "digits": dict(DIGITS_TRAINING, steps=6, batch_size=32, lr=2e-3, warmup_steps=1,
+                                          backbone_options={"channels": 8, "channel_mult": [1, 2]})}},
+    # Minutes on 2 CPU cores: the 2-D toys with the recipe of BENCHMARKS.md.
+    "toys": {"datasets": ["checkerboard", "8gaussians"], "training": {"*": TOY_TRAINING}},
+    # Tens of minutes on 2 CPU cores: 8x8 digits, a 1.2M-parameter UNet, FD on the digits feature net.
+    "digits": {"datasets": ["digits"], "training": {"digits": DIGITS_TRAINING}, "n_eval": 450},
+    # GPU: CIFAR-10 from its files on disk (data_options.root), Inception FID when torch-fidelity has its weights.
+    "cifar10": {"datasets": ["cifar10"], "n_eval": 50000, "curve_points": 4,
+                "training": {"cifar10": {"backbone": "unet", "backbone_options": {"channels": 128,
+                                                                                  "channel_mult": [1, 2, 2, 2]},
+                                         "batch_size": 128, "lr": 2e-4, "warmup_steps": 1000,
+                                         "ema_decay": 0.9999, "steps": 400000, "precision": "bf16"}},
+                "paper_numbers": CIFAR10_PAPER_NUMBERS},
+}
+
+
+def get_spec(preset: Optional[str] = None, **changes) -> BenchSpec:
+    values: Dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise JumpflowError(f"unknown bench preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        values = {"name": preset, **PRESETS[preset]}
+    values.update({k: v for k, v in changes.items() if v is not None})
+    return BenchSpec.from_dict(values)
