@@ -131,3 +131,18 @@ def test_digits_preset_builds_and_trains_a_step(tmp_path):
     model = jumpflow.load(out)
     assert model.generate(3, steps=2, seed=0).shape == (3, 1, 8, 8)
     assert (out / "samples" / "step_0000001.png").exists()
+
+
+def test_eval_scores_image_samples_on_the_digits_feature_net(tmp_path, capsys):
+    from jumpflow import data
+
+    digits = data.load("digits")
+    np.save(tmp_path / "real.npy", digits.train[:200].numpy())
+    np.save(tmp_path / "noise.npy", np.clip(np.random.default_rng(0).normal(size=(200, 1, 8, 8)), -1, 1))
+    scores = {}
+    for name in ("real", "noise"):
+        assert main(["eval", "--samples", str(tmp_path / f"{name}.npy"), "--data", "digits"]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)
+    assert scores["real"]["fd"] < 0.2 * scores["noise"]["fd"]
+    assert scores["real"]["recall"] > 0.5 > scores["noise"]["recall"]
+    assert "fd_floor" in scores["real"]

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from jumpflow import methods
 from jumpflow.bench import get_spec, run_bench, select_methods
@@ -107,3 +108,38 @@ def test_bad_bench_requests_are_clear_errors(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     with pytest.raises(JumpflowError, match="n_eval"):
         get_spec("smoke", n_eval=0)
+
+
+class StandInInception(torch.nn.Module):
+    """Takes what Inception takes (uint8, 3 channels, any size) and returns 16 features: the same code path, no
+    weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3)
+
+    def forward(self, x):
+        return (torch.relu(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3)),)
+
+
+def test_inception_fid_runs_through_the_bench_with_a_stand_in_network(monkeypatch, tmp_path):
+    from jumpflow.eval import inception
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(inception, "load_inception", lambda device="cpu", **k: StandInInception().eval())
+    spec = get_spec("smoke", datasets=["digits"], methods=["meanflow"], peers=False, inception_fid=True)
+    results = run_bench(spec, tmp_path / "fid", progress=False, log=lambda _: None)
+    rows = [r for r in results["rows"] if r["final"]]
+    assert rows and all(r["metrics"]["fid"] > 0 for r in rows)
+    assert "| FID (↓) |" in (tmp_path / "fid" / "table.md").read_text()
+    assert list((tmp_path / "fid").glob("*.png"))
+
+
+def test_without_torch_fidelity_inception_fid_fails_before_any_training(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    monkeypatch.setattr(bench_run, "train_cell", lambda *a, **k: pytest.fail("trained before checking FID tooling"))
+    spec = get_spec("smoke", datasets=["digits"], methods=["meanflow"], peers=False, inception_fid=True)
+    with pytest.raises(JumpflowError, match=r"jumpflow\[fid\]"):
+        run_bench(spec, tmp_path / "nofid", progress=False, log=lambda _: None)

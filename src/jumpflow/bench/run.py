@@ -28,6 +28,8 @@ from .quality import DatasetJudge
 from .report import write_report
 from .spec import BenchSpec, select_methods
 
+PICTURE_SAMPLES = 2000
+
 
 def cell_config(spec: BenchSpec, dataset: str, method: str, progress: bool) -> Dict[str, Any]:
     values = TrainConfig().to_dict()
@@ -49,6 +51,8 @@ def cell_key(config: Dict[str, Any], spec: BenchSpec, steps: List[int]) -> str:
     """What a cell's results depend on (not how it was displayed): a changed setting means a different cell."""
     relevant = {k: v for k, v in config.items() if k not in ("progress", "log_every")}
     relevant.update(n_eval=spec.n_eval, sample_steps=steps)
+    if spec.inception_fid:
+        relevant["inception_fid"] = True
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -72,7 +76,12 @@ def train_cell(config: Dict[str, Any], run_dir: Path) -> None:
     api.train(TrainConfig.from_dict(config), run_dir)
 
 
-def evaluate_cell(run_dir: Path, judge: DatasetJudge, steps: List[int], cell_dir: Path) -> List[Dict[str, Any]]:
+def generate(model: api.LoadedModel, noise: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
+    return torch.cat([model.generate(noise=chunk, steps=steps) for chunk in noise.split(batch)])
+
+
+def evaluate_cell(run_dir: Path, judge: DatasetJudge, steps: List[int], cell_dir: Path,
+                  sample_batch: int) -> List[Dict[str, Any]]:
     """One row per (checkpoint, sampling steps); the final checkpoint's samples are kept for the pictures."""
     rows, final_samples = [], {}
     checkpoints = list_checkpoints(run_dir)
@@ -81,15 +90,15 @@ def evaluate_cell(run_dir: Path, judge: DatasetJudge, steps: List[int], cell_dir
         model = api.load(path)
         for k in steps:
             started = time.perf_counter()
-            samples = model.generate(noise=judge.noise, steps=k)
+            samples = generate(model, judge.noise, k, sample_batch)
             sample_seconds = time.perf_counter() - started
             metrics = judge.score(samples)
             rows.append({"method": model.config.method, "kind": type(model.method).kind, "steps": k,
                          "nfe": model.method.nfe(k), "train_step": train_step, "final": train_step == last,
                          "train_seconds": model.train_seconds, "sample_seconds": round(sample_seconds, 4),
                          "metrics": metrics})
-            if train_step == last:
-                final_samples[f"steps_{k}"] = samples.contiguous()
+            if train_step == last:  # kept for the side-by-side picture, which shows at most a few thousand
+                final_samples[f"steps_{k}"] = samples[:PICTURE_SAMPLES].contiguous()
     save_file(final_samples, str(cell_dir / "final_samples.safetensors"))
     return rows
 
@@ -112,7 +121,8 @@ def run_cell(spec: BenchSpec, judge: DatasetJudge, dataset: str, method: str, ou
         + (f", at most {config['time_limit_s']:.0f} s)" if config.get("time_limit_s") else ")"))
     train_cell(config, cell_dir / "run")
     log(f"{dataset} / {method}: scoring {len(list_checkpoints(cell_dir / 'run'))} checkpoints at steps {steps}")
-    rows = [dict(row, dataset=dataset) for row in evaluate_cell(cell_dir / "run", judge, steps, cell_dir)]
+    rows = evaluate_cell(cell_dir / "run", judge, steps, cell_dir, spec.sample_batch)
+    rows = [dict(row, dataset=dataset) for row in rows]
     _write_json_atomic(rows_file, {"key": key, "rows": rows})
     return rows
 
@@ -134,7 +144,8 @@ def run_bench(spec: BenchSpec, out: Union[str, Path], progress: bool = True,
     results: Dict[str, Any] = {"spec": asdict(spec), "machine": machine(), "skipped": skipped, "datasets": {},
                                "rows": []}
     for dataset in spec.datasets:
-        judge = DatasetJudge(dataset, spec.training_for(dataset).get("data_options", {}), spec.n_eval, spec.seed)
+        judge = DatasetJudge(dataset, spec.training_for(dataset).get("data_options", {}), spec.n_eval, spec.seed,
+                             spec.inception_fid)
         dataset_rows = []
         for method in chosen:
             dataset_rows += run_cell(spec, judge, dataset, method, out, progress, log)

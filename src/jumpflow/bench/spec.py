@@ -31,8 +31,10 @@ class BenchSpec:
     time_limit_s: float = 0.0  # > 0: each cell also stops after this much training time (the wall-clock budget)
     max_sample_steps: int = 100  # caps each method's bench_steps (smoke keeps sampling cheap)
     n_eval: int = 2000  # samples per evaluation (image data: capped at the size of the held-out split)
+    sample_batch: int = 1024  # samples generated per network call when scoring (memory, not results)
     curve_points: int = 4  # checkpoints evaluated along training for the quality-vs-time plot
     seed: int = 0
+    inception_fid: bool = False  # image data: also the standard FID (needs jumpflow[fid] and the Inception weights)
     paper_numbers: List[Dict[str, Any]] = field(default_factory=list)  # published results shown beside ours
 
     @classmethod
@@ -49,6 +51,7 @@ class BenchSpec:
         if not self.datasets:
             raise JumpflowError("a benchmark needs at least one dataset")
         for name, value in (("n_eval", self.n_eval), ("curve_points", self.curve_points),
+                            ("sample_batch", self.sample_batch),
                             ("max_sample_steps", self.max_sample_steps)):
             if not isinstance(value, int) or value < 1:
                 raise JumpflowError(f"{name} must be a positive integer, got {value!r}")
@@ -108,7 +111,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Tens of minutes on 2 CPU cores: 8x8 digits, a 1.2M-parameter UNet, FD on the digits feature net.
     "digits": {"datasets": ["digits"], "training": {"digits": DIGITS_TRAINING}, "n_eval": 450},
     # GPU: CIFAR-10 from its files on disk (data_options.root), Inception FID when torch-fidelity has its weights.
-    "cifar10": {"datasets": ["cifar10"], "n_eval": 50000, "curve_points": 4,
+    "cifar10": {"datasets": ["cifar10"], "n_eval": 50000, "curve_points": 4, "inception_fid": True,
                 "training": {"cifar10": {"backbone": "unet", "backbone_options": {"channels": 128,
                                                                                   "channel_mult": [1, 2, 2, 2]},
                                          "batch_size": 128, "lr": 2e-4, "warmup_steps": 1000,

@@ -1,4 +1,5 @@
-"""Datasets: built-in toys, Gaussian mixtures, digits, and user data (.npy/.npz files, image folders).
+"""Datasets: built-in toys, Gaussian mixtures, digits, CIFAR-10 (files on disk), and user data (.npy/.npz files,
+image folders).
 
 `load(name_or_path, **options)` is the one entry point; `names()` lists the built-in names.
 """
@@ -12,6 +13,7 @@ from ..errors import JumpflowError
 from ..registry import Registry
 from .arrays import load_array
 from .base import Batch, Dataset, SampledDataset, TensorDataset
+from .cifar10 import cifar10
 from .digits import digits
 from .gaussian_mixture import GaussianMixture
 from .images import load_image_folder
@@ -26,6 +28,7 @@ DATASETS.register("rings")(Rings)
 DATASETS.register("gmm1d")(gmm1d)
 DATASETS.register("gmm")(random_gmm)  # options: dim, n_components, std, seed
 DATASETS.register("digits")(digits)
+DATASETS.register("cifar10")(cifar10)  # options: root (folder or .tar.gz), n_test; read from disk, never downloaded
 
 
 def names():
@@ -64,5 +67,5 @@ def load(name_or_path: str, **options) -> Dataset:
 
 
 __all__ = ["DATASETS", "load", "names", "Batch", "Dataset", "SampledDataset", "TensorDataset", "GaussianMixture",
-           "Checkerboard", "Moons", "Spirals", "Rings", "eight_gaussians", "gmm1d", "random_gmm", "digits",
+           "Checkerboard", "Moons", "Spirals", "Rings", "eight_gaussians", "gmm1d", "random_gmm", "digits", "cifar10",
            "load_array", "load_image_folder"]

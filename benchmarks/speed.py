@@ -1,9 +1,11 @@
-"""Flow matching vs MeanFlow on 2-D toys with the same budget: quality at 1, 2, 4 and 100 steps, training step time
-as a ratio to flow matching, and 1-step sampling throughput as a ratio to 100-step flow matching.
+"""Speed as ratios measured in one run: training step time of every registered method relative to flow matching
+(interleaved, so machine load hits all alike), and samples/s of each method's fewest-step sampler relative to
+100-step flow matching, on the runs a `jumpflow bench` left behind.
 
-    python benchmarks/toys.py [--steps 5000] [--datasets checkerboard 8gaussians] [--out runs/bench-toys]
+    python benchmarks/speed.py [--bench runs/bench-toys] [--dataset checkerboard] [--batch-size 1024]
 
-Prints markdown tables (copy them to BENCHMARKS.md with the command and the machine).
+Quality is `jumpflow bench`'s job; this prints markdown tables (copy them to BENCHMARKS.md with the command and the
+machine).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 
 from jumpflow import data as data_lib
 from jumpflow import methods, nets
-from jumpflow.compare import Entry, compare, table
 
 
 def step_times_ms(variants, shape, batch_size: int, rounds: int = 5, steps: int = 20) -> dict:
@@ -57,36 +58,36 @@ def sampling_throughput(models: dict, shape, n: int = 10000) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--datasets", nargs="+", default=["checkerboard", "8gaussians"])
-    p.add_argument("--out", default="runs/bench-toys")
-    p.add_argument("--n-eval", type=int, default=4000)
+    p.add_argument("--bench", default="runs/bench-toys", help="a jumpflow bench output folder")
+    p.add_argument("--dataset", default="checkerboard")
+    p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args()
 
     from jumpflow import api
-    from jumpflow.demo import DEMO_TRAINING
 
-    training = dict(DEMO_TRAINING, steps=args.steps)
+    shape = data_lib.load(args.dataset).shape
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}; budget: {args.steps} steps x batch {training['batch_size']}, mlp backbone\n")
-    for name in args.datasets:
-        out = Path(args.out) / name
-        results = compare([Entry("meanflow", [1, 2, 4]), Entry("flow_matching", [1, 2, 4, 100])], name, out,
-                          training, n_eval=args.n_eval, progress=False)
-        print(f"### {name}\n\n{table(results)}\n")
-        shape = data_lib.load(name).shape
-        speed = sampling_throughput({"meanflow 1 step": (api.load(out / "meanflow"), 1),
-                                     "flow_matching 100 steps": (api.load(out / "flow_matching"), 100)}, shape)
-        ratio = speed["meanflow 1 step"] / speed["flow_matching 100 steps"]
-        print(f"sampling: meanflow 1 step {speed['meanflow 1 step']:.0f} samples/s, flow matching 100 steps "
-              f"{speed['flow_matching 100 steps']:.0f} samples/s: ratio {ratio:.0f}x\n")
-
-    variants = [("flow_matching", "flow_matching", {}), ("meanflow (exact JVP)", "meanflow", {}),
-                ("meanflow (finite-difference JVP)", "meanflow", {"jvp_mode": "finite_difference"})]
-    ms = step_times_ms(variants, (2,), training["batch_size"])
+          f"torch {torch.__version__}; mlp backbone, batch {args.batch_size}\n")
+    variants = [(name, name, {}) for name in methods.names() if methods.METHODS[name].requires == ""]
+    variants.append(("meanflow (finite-difference JVP)", "meanflow", {"jvp_mode": "finite_difference"}))
+    ms = step_times_ms(variants, shape, args.batch_size)
     print("| training step | ms (median) | ratio to flow matching |\n|---|---|---|")
     for label, value in ms.items():
         print(f"| {label} | {value:.1f} | {value / ms['flow_matching']:.2f} |")
+
+    runs = {name: Path(args.bench) / args.dataset / name / "run" for name in methods.names()}
+    models = {f"{name} 1 step": (api.load(run), 1)
+              for name, run in runs.items() if run.exists() and name != "flow_matching"}
+    if runs["flow_matching"].exists():
+        models["flow_matching 100 steps"] = (api.load(runs["flow_matching"]), 100)
+    if not models:
+        print(f"\nno runs under {args.bench}/{args.dataset}: run jumpflow bench first for sampling speed")
+        return
+    speed = sampling_throughput(models, shape)
+    reference = speed.get("flow_matching 100 steps")
+    print("\n| sampler | samples/s | ratio to flow matching at 100 steps |\n|---|---|---|")
+    for label, value in speed.items():
+        print(f"| {label} | {value:.0f} | {value / reference:.0f} |" if reference else f"| {label} | {value:.0f} | - |")
 
 
 if __name__ == "__main__":
