@@ -16,6 +16,18 @@ import yaml
 from .errors import JumpflowError
 
 
+def validated(cls, values: Dict[str, Any], what: str):
+    """Build dataclass `cls` from a mapping, refusing unknown field names (a typo must not be silently ignored),
+    then run its validate()."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise JumpflowError(f"unknown {what} field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    obj = cls(**values)
+    obj.validate()
+    return obj
+
+
 @dataclass
 class TrainConfig:
     method: str = "meanflow"
@@ -52,13 +64,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise JumpflowError(f"unknown config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        return validated(cls, values, "config")
 
     def validate(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}

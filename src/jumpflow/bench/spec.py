@@ -7,11 +7,11 @@ join when their package is installed.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..config import validated
 from ..errors import JumpflowError
 
 TOY_TRAINING = {"batch_size": 1024, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.999, "steps": 2000}
@@ -39,13 +39,7 @@ class BenchSpec:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "BenchSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise JumpflowError(f"unknown bench field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        spec = cls(**values)
-        spec.validate()
-        return spec
+        return validated(cls, values, "bench")
 
     def validate(self) -> None:
         if not self.datasets:

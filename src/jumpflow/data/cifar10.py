@@ -37,7 +37,7 @@ _ARCHIVES = ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz")
 _HOW_TO_GET = (f"download the binary or python version from {URL} and set data_options.root (or the {ENV_VAR} "
                f"environment variable) to the folder or the .tar.gz archive; nothing is downloaded automatically")
 
-Batch = Tuple[np.ndarray, np.ndarray]  # (pixels (n, 3072) uint8, labels (n,) int64)
+Records = Tuple[np.ndarray, np.ndarray]  # (pixels (n, 3072) uint8, labels (n,) int64)
 
 
 def _reconstruct():
@@ -78,7 +78,7 @@ def _corrupt(where: str, why: str) -> JumpflowError:
     return JumpflowError(f"{where}: {why}; the file is truncated or corrupt: {_HOW_TO_GET}")
 
 
-def _checked(pixels: np.ndarray, labels: np.ndarray, where: str) -> Batch:
+def _checked(pixels: np.ndarray, labels: np.ndarray, where: str) -> Records:
     if len(pixels) == 0:
         raise _corrupt(where, "no images in the file")
     if labels.min() < 0 or labels.max() >= _NUM_CLASSES:
@@ -86,7 +86,7 @@ def _checked(pixels: np.ndarray, labels: np.ndarray, where: str) -> Batch:
     return pixels, labels.astype(np.int64)
 
 
-def _parse_bin(raw: bytes, where: str) -> Batch:
+def _parse_bin(raw: bytes, where: str) -> Records:
     if len(raw) == 0 or len(raw) % _RECORD:
         raise _corrupt(where, f"{len(raw)} bytes is not a whole number of {_RECORD}-byte records "
                               f"(1 label byte + {_PIXELS} pixel bytes)")
@@ -94,7 +94,7 @@ def _parse_bin(raw: bytes, where: str) -> Batch:
     return _checked(records[:, 1:], records[:, 0], where)
 
 
-def _parse_pickle(raw: bytes, where: str) -> Batch:
+def _parse_pickle(raw: bytes, where: str) -> Records:
     try:
         batch = _BatchUnpickler(io.BytesIO(raw), where).load()
     except JumpflowError:
@@ -152,7 +152,7 @@ def _locate(root: Path) -> Path:
                         f"batch files directly in it; {_HOW_TO_GET}")
 
 
-def _read_batches(path: Path) -> List[Batch]:
+def _read_batches(path: Path) -> List[Records]:
     with _open(path) as (where, files):
         binary = all(b + ".bin" in files for b in _BATCHES)
         if not binary and not all(b in files for b in _BATCHES):
@@ -164,7 +164,7 @@ def _read_batches(path: Path) -> List[Batch]:
         return [parse(files[b + suffix](), f"{where}/{b}{suffix}") for b in _BATCHES]
 
 
-def _images(batches: List[Batch]) -> torch.Tensor:
+def _images(batches: List[Records]) -> torch.Tensor:
     """Pixels uint8 -> float32 in [-1, 1] (x / 127.5 - 1), written once into one preallocated array."""
     x = np.empty((sum(len(p) for p, _ in batches), _PIXELS), np.float32)
     start = 0
