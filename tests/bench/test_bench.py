@@ -60,8 +60,23 @@ def test_rerun_skips_finished_cells_and_refuses_other_settings(smoke, monkeypatc
     monkeypatch.setattr(bench_run, "evaluate_cell", lambda *a, **k: pytest.fail("a finished cell was scored again"))
     again = run_bench(get_spec("smoke"), out, progress=False, log=lambda _: None)
     assert again["rows"] == results["rows"]
-    with pytest.raises(JumpflowError, match="other settings"):
+    monkeypatch.undo()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    with pytest.raises(JumpflowError, match="trained with other settings"):
         run_bench(get_spec("smoke", steps=7), out, progress=False, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before  # nothing trained was touched
+
+
+def test_changed_scoring_settings_rescore_without_retraining(smoke, monkeypatch, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke[0], out)
+    monkeypatch.setattr(bench_run.api, "train", lambda cfg, run_dir, resume=False, **k: resume
+                        or pytest.fail("started a new training run"))
+    again = run_bench(get_spec("smoke", n_eval=128), out, progress=False, log=lambda _: None)
+    assert again["datasets"]["digits"]["n_eval"] == 128
+    assert all(r["metrics"]["n"] == 128 for r in again["rows"] if r["dataset"] == "digits")
 
 
 def test_a_cell_without_results_is_scored_from_its_checkpoints_without_retraining(smoke, monkeypatch, tmp_path):

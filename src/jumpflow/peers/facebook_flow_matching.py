@@ -73,6 +73,7 @@ class FacebookFlowMatching(Method):
     requires: ClassVar[str] = "flow-matching"  # the pip package this peer runs
     Config = FacebookFlowMatchingConfig
     default_sample_steps = 100
+    bench_steps = (1, 2, 10, 100)  # measured like jumpflow's flow_matching, its counterpart
 
     def __init__(self, net, config, shape, num_classes=0):
         super().__init__(net, config, shape, num_classes)
