@@ -25,16 +25,15 @@ def dataset_table(dataset: str, info: Dict[str, Any], rows: List[Dict[str, Any]]
     reference = [r for r in final if r["method"] == REFERENCE_METHOD]
     ref_ms = _step_ms(reference[0]) if reference else None
     head = ["method", "steps", "NFE"] + [f"{h} ({_arrow(b)})" for _, h, b in columns]
-    head += [f"step time (× {REFERENCE_METHOD})", "train s"]
+    head += [f"step time (× {REFERENCE_METHOD})"]  # a ratio from one run: absolute times say more of the machine
     lines = [f"### {dataset} ({info['kind']}, {info['n_eval']} samples, EMA weights, same noise for every row)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in final:
         values = [f"{r['metrics'][k]:.3f}" for k, _, _ in columns]
         ratio = f"{_step_ms(r) / ref_ms:.2f}" if ref_ms else "-"
-        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | " + " | ".join(values)
-                     + f" | {ratio} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | " + " | ".join(values) + f" | {ratio} |")
     floors = [f"{info['floors'][k]:.3f}" if k in info["floors"] else "-" for k, _, _ in columns]
-    lines.append("| real data (floor) | | | " + " | ".join(floors) + " | | |")
+    lines.append("| real data (floor) | | | " + " | ".join(floors) + " | |")
     return "\n".join(lines)
 
 
