@@ -64,6 +64,14 @@ class DatasetJudge:
         self.fid_statistics = load_statistics(path)
 
     @property
+    def headline(self) -> List[str]:
+        """The metrics the plots show: a distance, then one that SW2/FD alone can hide (likelihood under the exact
+        density; recall for mode dropping), then the ground-truth map error where there is one."""
+        if self.kind == "image":
+            return (["fid"] if self.inception is not None else []) + ["fd", "recall"]
+        return ["sliced_wasserstein", "log_likelihood"] + (["flow_map_error"] if self.dataset.has_flow_map else [])
+
+    @property
     def columns(self) -> List[Tuple[str, str, str]]:
         if self.kind == "image":
             return ([("fid", "FID", "lower")] if self.inception is not None else []) + IMAGE_COLUMNS

@@ -66,11 +66,15 @@ def _pyplot():
 def plot_quality_vs_nfe(results: Dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     datasets = list(results["datasets"])
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
+    width = max(len(info["headline"]) for info in results["datasets"].values())
+    fig, axes = plt.subplots(len(datasets), width, figsize=(5 * width, 3.6 * len(datasets)), squeeze=False)
     for ax_row, dataset in zip(axes, datasets):
         info = results["datasets"][dataset]
         final = [r for r in results["rows"] if r["dataset"] == dataset and r["final"]]
-        for ax, (key, header, better) in zip(ax_row, info["columns"][:2]):
+        for ax in ax_row[len(info["headline"]):]:
+            ax.axis("off")
+        columns = {c[0]: c for c in info["columns"]}
+        for ax, (key, header, better) in zip(ax_row, [columns[k] for k in info["headline"]]):
             for method in dict.fromkeys(r["method"] for r in final):
                 points = sorted((r["nfe"], r["metrics"][key]) for r in final if r["method"] == method)
                 ax.plot(*zip(*points), marker="o", label=method)
@@ -94,7 +98,7 @@ def plot_quality_vs_time(results: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         info = results["datasets"][dataset]
-        key, header, better = info["columns"][0]
+        key, header, better = next(c for c in info["columns"] if c[0] == info["headline"][0])
         rows = [r for r in results["rows"] if r["dataset"] == dataset]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]

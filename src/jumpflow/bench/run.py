@@ -150,7 +150,7 @@ def run_bench(spec: BenchSpec, out: Union[str, Path], progress: bool = True,
             dataset_rows += run_cell(spec, judge, dataset, method, out, progress, log)
         floors = {k[: -len("_floor")]: v for k, v in dataset_rows[0]["metrics"].items() if k.endswith("_floor")}
         results["datasets"][dataset] = {"kind": judge.kind, "n_eval": judge.n_eval, "floors": floors,
-                                        "columns": judge.columns}
+                                        "columns": judge.columns, "headline": judge.headline}
         results["rows"] += dataset_rows
         panels = [("data", judge.reference())]
         for method in chosen:
