@@ -1,6 +1,6 @@
 """Speed as ratios measured in one run: training step time of every registered method relative to flow matching
-(interleaved, so machine load hits all alike), and samples/s of each method's fewest-step sampler relative to
-100-step flow matching, on the runs a `jumpflow bench` left behind.
+(interleaved, so machine load hits all alike), and samples/s of each method at its default step count (1 for
+one-step methods) relative to 100-step flow matching, on the runs a `jumpflow bench` left behind.
 
     python benchmarks/speed.py [--bench runs/bench-toys] [--dataset checkerboard] [--batch-size 1024]
 
@@ -11,6 +11,7 @@ machine).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import time
@@ -68,7 +69,9 @@ def main() -> None:
     shape = data_lib.load(args.dataset).shape
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; mlp backbone, batch {args.batch_size}\n")
-    variants = [(name, name, {}) for name in methods.names() if methods.METHODS[name].requires == ""]
+    installed = [name for name in methods.names() if not methods.METHODS[name].requires
+                 or importlib.util.find_spec(methods.METHODS[name].requires.replace("-", "_"))]
+    variants = [(name, name, {}) for name in installed]
     variants.append(("meanflow (finite-difference JVP)", "meanflow", {"jvp_mode": "finite_difference"}))
     ms = step_times_ms(variants, shape, args.batch_size)
     print("| training step | ms (median) | ratio to flow matching |\n|---|---|---|")
@@ -76,15 +79,15 @@ def main() -> None:
         print(f"| {label} | {value:.1f} | {value / ms['flow_matching']:.2f} |")
 
     runs = {name: Path(args.bench) / args.dataset / name / "run" for name in methods.names()}
-    models = {f"{name} 1 step": (api.load(run), 1)
-              for name, run in runs.items() if run.exists() and name != "flow_matching"}
-    if runs["flow_matching"].exists():
-        models["flow_matching 100 steps"] = (api.load(runs["flow_matching"]), 100)
+    # Each method at its own default step count: one-step methods at 1, flow matching and its peer at 100.
+    steps = {name: methods.METHODS[name].default_sample_steps for name in runs}
+    models = {f"{name}, {steps[name]} step{'s' if steps[name] > 1 else ''}": (api.load(run), steps[name])
+              for name, run in runs.items() if run.exists()}
     if not models:
         print(f"\nno runs under {args.bench}/{args.dataset}: run jumpflow bench first for sampling speed")
         return
     speed = sampling_throughput(models, shape)
-    reference = speed.get("flow_matching 100 steps")
+    reference = speed.get(f"flow_matching, {steps['flow_matching']} steps")
     print("\n| sampler | samples/s | ratio to flow matching at 100 steps |\n|---|---|---|")
     for label, value in speed.items():
         print(f"| {label} | {value:.0f} | {value / reference:.0f} |" if reference else f"| {label} | {value:.0f} | - |")

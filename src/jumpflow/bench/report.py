@@ -63,6 +63,14 @@ def _pyplot():
     return plt
 
 
+def _log_scale_if_positive(ax) -> None:
+    """Log y when every value is positive: a 1-step collapse (FD ~100) would otherwise flatten the curves that
+    matter (FD ~1)."""
+    values = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+
+
 def plot_quality_vs_nfe(results: Dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     datasets = list(results["datasets"])
@@ -76,11 +84,15 @@ def plot_quality_vs_nfe(results: Dict[str, Any], path: Path) -> None:
         columns = {c[0]: c for c in info["columns"]}
         for ax, (key, header, better) in zip(ax_row, [columns[k] for k in info["headline"]]):
             for method in dict.fromkeys(r["method"] for r in final):
-                points = sorted((r["nfe"], r["metrics"][key]) for r in final if r["method"] == method)
-                ax.plot(*zip(*points), marker="o", label=method)
+                mine = [r for r in final if r["method"] == method]
+                points = sorted((r["nfe"], r["metrics"][key]) for r in mine)
+                peer = mine[0]["kind"] == "peer"  # drawn so that a peer matching its counterpart stays visible
+                ax.plot(*zip(*points), marker="x" if peer else "o", linestyle=":" if peer else "-",
+                        markersize=9 if peer else 6, label=method)
             if key in info["floors"]:
                 ax.axhline(info["floors"][key], color="gray", linestyle="--", label="real data (floor)")
             ax.set_xscale("log")
+            _log_scale_if_positive(ax)
             ax.set_xlabel("NFE")
             ax.set_ylabel(f"{header} ({_arrow(better)})")
             ax.set_title(dataset)
@@ -108,6 +120,7 @@ def plot_quality_vs_time(results: Dict[str, Any], path: Path) -> None:
                 ax.plot(*zip(*points), style, marker="o", label=f"{method}, {steps} step{'s' if steps > 1 else ''}")
         if key in info["floors"]:
             ax.axhline(info["floors"][key], color="gray", linestyle=":", label="real data (floor)")
+        _log_scale_if_positive(ax)
         ax.set_xlabel("training time (s)")
         ax.set_ylabel(f"{header} ({_arrow(better)})")
         ax.set_title(dataset)

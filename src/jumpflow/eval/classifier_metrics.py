@@ -41,6 +41,6 @@ def class_metrics(logits: Tensor, num_classes: int) -> Dict[str, float]:
     labels = logits.argmax(dim=1)
     shares = torch.bincount(labels, minlength=num_classes).to(torch.float64) / labels.numel()  # (K,)
     coverage = (shares >= 0.5 / num_classes).to(torch.float64).mean().item()
-    entropy = -torch.special.xlogy(shares, shares).sum().item() / math.log(num_classes)
+    entropy = -torch.special.xlogy(shares, shares).sum().item() / math.log(num_classes)  # + 0.0 below: no "-0.0"
     confidence = torch.softmax(logits, dim=1).max(dim=1).values.mean().item()
-    return {"class_coverage": coverage, "class_entropy": max(entropy, 0.0), "mean_confidence": confidence}
+    return {"class_coverage": coverage, "class_entropy": max(entropy, 0.0) + 0.0, "mean_confidence": confidence}
