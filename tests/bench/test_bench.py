@@ -158,3 +158,27 @@ def test_without_torch_fidelity_inception_fid_fails_before_any_training(monkeypa
     spec = get_spec("smoke", datasets=["digits"], methods=["meanflow"], peers=False, inception_fid=True)
     with pytest.raises(JumpflowError, match=r"jumpflow\[fid\]"):
         run_bench(spec, tmp_path / "nofid", progress=False, log=lambda _: None)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "toys", "digits", "cifar10"])
+def test_every_preset_builds_valid_run_configs_for_every_method(preset):
+    from jumpflow.bench.spec import PRESETS
+    from jumpflow.config import TrainConfig
+
+    spec = get_spec(preset)
+    for dataset in spec.datasets:
+        for method in methods.names():
+            cfg = TrainConfig.from_dict(bench_run.cell_config(spec, dataset, method, progress=False))
+            assert cfg.method == method and cfg.data == dataset and cfg.seed == spec.seed
+            assert cfg.checkpoint_every * spec.curve_points <= cfg.steps  # every curve point is a checkpoint
+    assert PRESETS[preset]["datasets"] == spec.datasets
+
+
+def test_cifar10_preset_backbone_takes_cifar_images():
+    from jumpflow import nets
+
+    training = get_spec("cifar10").training_for("cifar10")
+    net = nets.build(training["backbone"], (3, 32, 32), **training["backbone_options"])
+    x = torch.randn(2, 3, 32, 32)
+    t = torch.rand(2)
+    assert net(x, t, t, None).shape == x.shape
