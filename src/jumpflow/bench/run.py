@@ -119,7 +119,8 @@ def run_cell(spec: BenchSpec, judge: DatasetJudge, dataset: str, method: str, ou
     log(f"{dataset} / {method}: training ({config['steps']} steps"
         + (f", at most {config['time_limit_s']:.0f} s)" if config.get("time_limit_s") else ")"))
     train_cell(config, cell_dir / "run")
-    log(f"{dataset} / {method}: scoring {len(list_checkpoints(cell_dir / 'run'))} checkpoints at steps {steps}")
+    count = len(list_checkpoints(cell_dir / "run"))
+    log(f"{dataset} / {method}: scoring {count} checkpoint{'s' if count > 1 else ''} at steps {steps}")
     rows = evaluate_cell(cell_dir / "run", judge, steps, cell_dir, spec.sample_batch)
     rows = [dict(row, dataset=dataset) for row in rows]
     _write_json_atomic(rows_file, {"key": key, "rows": rows})
