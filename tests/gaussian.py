@@ -30,3 +30,14 @@ class ExactGaussian(nn.Module):
         safe_gap = torch.where(gap > 0, gap, torch.ones_like(gap))
         average = (z - self.flow_map(z, t, s)) / safe_gap
         return torch.where(gap > 0, average, self.velocity(z, t))
+
+
+class ExactVelocity(nn.Module):
+    """net(z, t, s) = the exact marginal velocity of a Gaussian mixture (METHODS.md §1.2), in jumpflow's time."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.mixture = mixture
+
+    def forward(self, z, t, s, cond=None):
+        return self.mixture.velocity(z, t)

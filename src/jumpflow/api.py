@@ -133,14 +133,10 @@ def evaluate(samples: Tensor, data: str, noise: Optional[Tensor] = None, seed: i
     precision/recall, density/coverage and class metrics on the dataset's cached feature net (trained on first use)."""
     from . import data as data_lib
     from .eval import evaluate_samples
+    from .eval.image_metrics import checked_samples
 
     dataset = data_lib.load(data, **data_options)
-    samples = torch.as_tensor(samples, dtype=torch.float32)
-    if tuple(samples.shape[1:]) != tuple(dataset.shape):
-        raise JumpflowError(f"samples have shape {tuple(samples.shape)} but {dataset.name} has samples of shape "
-                            f"{tuple(dataset.shape)}")
-    if not torch.isfinite(samples).all():
-        raise JumpflowError("samples contain NaN or infinite values")
+    samples = checked_samples(samples, dataset)
     if noise is not None:
         noise = torch.as_tensor(noise, dtype=torch.float32)
         if noise.shape != samples.shape:

@@ -5,17 +5,8 @@ from torch import nn
 from jumpflow import methods
 from jumpflow.data.toys import gmm1d
 from jumpflow.errors import JumpflowError
+from tests.gaussian import ExactVelocity
 
-
-class ExactVelocity(nn.Module):
-    """net(z, t, s) = the exact marginal velocity of a Gaussian mixture (METHODS.md §1.2)."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, z, t, s, cond=None):
-        return self.mixture.velocity(z, t)
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,10 @@ import jumpflow
 from jumpflow import TrainConfig, methods, paths
 from jumpflow.data.toys import eight_gaussians
 from jumpflow.errors import JumpflowError
+from tests.gaussian import ExactVelocity
 
 PEER = "peer.facebook_flow_matching"
 
-
-class ExactVelocity(nn.Module):
-    """net(z, t, s) = the exact marginal velocity of a Gaussian mixture, in jumpflow's time."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, z, t, s, cond=None):
-        return self.mixture.velocity(z, t)
 
 
 class TinyNet(nn.Module):

@@ -42,16 +42,22 @@ def _scores(features: Tensor, logits: Tensor, reference_features: Tensor, num_cl
     return out
 
 
+def checked_samples(samples, dataset) -> Tensor:
+    """Samples as float32, refused with a clear message unless shaped like the dataset's and finite."""
+    samples = torch.as_tensor(samples, dtype=torch.float32)
+    if tuple(samples.shape[1:]) != tuple(dataset.shape):
+        raise JumpflowError(f"samples have shape {tuple(samples.shape)} but {dataset.name} has samples of shape "
+                            f"{tuple(dataset.shape)}")
+    if not torch.isfinite(samples).all():
+        raise JumpflowError("samples contain NaN or infinite values")
+    return samples
+
+
 @torch.no_grad()
 def evaluate_images(samples: Tensor, dataset, feature_net: FeatureNet, seed: int = 0,
                     n: Optional[int] = None) -> Dict[str, float]:
     """Metrics of samples (N, C, H, W) in [-1, 1] against `dataset`'s held-out split, with `<metric>_floor` entries."""
-    samples = torch.as_tensor(samples, dtype=torch.float32)
-    if tuple(samples.shape[1:]) != tuple(dataset.shape):
-        raise JumpflowError(f"samples have shape {tuple(samples.shape)}, {dataset.name} images are "
-                            f"{tuple(dataset.shape)}")
-    if not torch.isfinite(samples).all():
-        raise JumpflowError("samples contain NaN or infinite values")
+    samples = checked_samples(samples, dataset)
     n = min(n or len(samples), len(samples), len(dataset.test), len(dataset.train))
     if n < DENSITY_COVERAGE_K + 2:
         raise JumpflowError(f"need at least {DENSITY_COVERAGE_K + 2} samples for image metrics, got {n}")
