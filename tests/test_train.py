@@ -189,3 +189,13 @@ def test_time_limit_ends_training_with_a_checkpoint_and_the_clock_survives_resum
 def test_negative_time_limit_is_refused():
     with pytest.raises(JumpflowError, match="time_limit_s"):
         tiny(time_limit_s=-1.0).validate()
+
+
+def test_methods_see_the_trainers_ema_student_without_saving_it_twice(tmp_path):
+    from jumpflow.train import Trainer
+
+    trainer = Trainer(tiny(), tmp_path / "run")
+    assert trainer.method.ema_net is trainer.ema.shadow and trainer.method.ema_net is not trainer.method.net
+    assert not any(k.startswith("_ema_net") for k in trainer.method.state_dict())
+    ckpt = jumpflow.train(tiny(steps=4), tmp_path / "run2")
+    assert not any(".ema_net." in k or k.startswith("model._ema") for k in load_file(str(ckpt)))

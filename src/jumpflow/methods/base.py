@@ -49,6 +49,16 @@ class Method(nn.Module):
         be wrong on a given model (a JVP rule) checks it here and returns {"ok": 0.0 or 1.0, ...}."""
         return {}
 
+    def use_ema(self, ema_net: nn.Module) -> None:
+        """The Trainer hands over its EMA copy of the student, for methods whose targets come from it (shortcut
+        models' bootstrap, consistency training's teacher). Kept outside the module tree: it is saved once, as EMA."""
+        self.__dict__["_ema_net"] = ema_net
+
+    @property
+    def ema_net(self) -> nn.Module:
+        """The EMA student when training under the Trainer, else the student itself."""
+        return self.__dict__.get("_ema_net") or self.net
+
     def trainable_parameters(self) -> List[nn.Parameter]:
         """What the optimizer updates; methods with several optimizers (DMD2, SiD) override the trainer hooks."""
         return list(self.net.parameters())
