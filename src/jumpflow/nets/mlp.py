@@ -12,10 +12,17 @@ from ..errors import JumpflowError
 from .embeddings import ConditionEmbedding, batch_times
 
 
+LAYER_NORM_EPS = 1e-5
+
+
 def _layer_norm(x: Tensor) -> Tensor:
     # Normalise in at least float32 (bfloat16 statistics are coarse); float64 stays float64 for gradient checks.
+    # Written out rather than F.layer_norm: in torch 2.13 the backward of F.layer_norm's forward-mode derivative is
+    # wrong (gradcheck of torch.func.jvp(F.layer_norm) fails even in float64), which corrupts the gradients of
+    # methods that backpropagate through a JVP (TVM). Plain mean/variance arithmetic differentiates correctly.
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return F.layer_norm(x, x.shape[-1:])
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + LAYER_NORM_EPS)
 
 
 class ResidualBlock(nn.Module):
