@@ -73,6 +73,19 @@ class Method(nn.Module):
     def nfe(self, steps: int) -> int:
         return steps
 
+    def flow_map_jumps(self, noise: Tensor, steps: int, net: nn.Module, labels: Optional[Tensor] = None,
+                       scale=1.0) -> Tensor:
+        """The k-step sampler of every flow-map method whose net is an average velocity from t down to s:
+        z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) * scale * net(z_{t_i}, t_i, t_{i+1}) on the uniform grid 1 -> 0."""
+        from ..paths import time_grid
+
+        grid = time_grid(steps, device=noise.device)
+        z = noise
+        ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
+        for t_now, t_next in zip(grid[:-1], grid[1:]):
+            z = z - (t_now - t_next) * scale * net(z, ones * t_now, ones * t_next, labels).to(z.dtype)
+        return z
+
     # --- shared helpers -------------------------------------------------------------------------------------
     def drop_labels(self, labels: Optional[Tensor], probability: float) -> Optional[Tensor]:
         """Classifier-free guidance training: replace a share of labels by the null label (index num_classes)."""

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import JumpflowError
 from ..jvp import jvp_self_check, refuse_ddp, total_derivative
-from ..paths import conditional_velocity, expand_time, interpolate, sample_times, time_grid
+from ..paths import conditional_velocity, expand_time, interpolate, sample_times
 from . import register
 from .base import LossOutput, Method
 
@@ -124,9 +124,4 @@ class MeanFlow(Method):
         """k jumps on the uniform grid: z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i)."""
         self.check_steps(steps)
         net = net if net is not None else self.net
-        grid = time_grid(steps, device=noise.device)
-        z = noise
-        ones = torch.ones(noise.shape[0], device=noise.device)
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
-            z = z - (t_now - t_next) * net(z, ones * t_now, ones * t_next, labels)
-        return z
+        return self.flow_map_jumps(noise, steps, net, labels)

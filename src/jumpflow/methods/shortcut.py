@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..errors import JumpflowError
-from ..paths import conditional_velocity, expand_time, interpolate, time_grid
+from ..paths import conditional_velocity, expand_time, interpolate
 from . import register
 from .base import LossOutput, Method
 
@@ -153,9 +153,4 @@ class Shortcut(Method):
         if options:
             raise JumpflowError(f"unknown sampling option(s) {', '.join(sorted(options))} for shortcut models")
         net = net if net is not None else self.net
-        grid = time_grid(steps, device=noise.device)
-        z = noise
-        ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
-            z = z - (t_now - t_next) * net(z, ones * t_now, ones * t_next, labels)
-        return z
+        return self.flow_map_jumps(noise, steps, net, labels)  # F(z, t, d) = the jump / d

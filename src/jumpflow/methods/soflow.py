@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import JumpflowError
-from ..paths import conditional_velocity, expand_time, interpolate, logit_normal_times, time_grid
+from ..paths import conditional_velocity, expand_time, interpolate, logit_normal_times
 from . import register
 from .base import LossOutput, Method
 
@@ -196,9 +196,4 @@ class SoFlow(Method):
         if options:
             raise JumpflowError(f"soflow sampling takes no option(s) {', '.join(sorted(options))}")
         net = net if net is not None else self.net
-        grid = time_grid(steps, device=noise.device)
-        z = noise
-        ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
-            z = z + (t_next - t_now) * net(z, ones * t_now, ones * t_next, labels).to(z.dtype)
-        return z
+        return self.flow_map_jumps(noise, steps, net, labels)  # f = z - (t - s) net

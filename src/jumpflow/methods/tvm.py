@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import JumpflowError
 from ..jvp import JVP_MODES, jvp_self_check, refuse_ddp, total_derivative
-from ..paths import conditional_velocity, expand_time, interpolate, logit_normal_times, time_grid
+from ..paths import conditional_velocity, expand_time, interpolate, logit_normal_times
 from . import register
 from .base import LossOutput, Method
 
@@ -218,10 +218,4 @@ class TVM(Method):
         if options:
             raise JumpflowError(f"tvm sampling takes no option(s) {', '.join(sorted(options))}")
         net = net if net is not None else self.net
-        grid = time_grid(steps, device=noise.device)
-        w = self.guidance(labels, noise)
-        z = noise
-        ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
-            z = z + (t_next - t_now) * w * net(z, ones * t_now, ones * t_next, labels).to(z.dtype)
-        return z
+        return self.flow_map_jumps(noise, steps, net, labels, scale=self.guidance(labels, noise))
