@@ -59,6 +59,7 @@ class Trainer:
         self.method = build_method(cfg, self.info).to(self.device)
         self.ema = EMA(self.method.net, cfg.ema_decay)
         self.method.use_ema(self.ema.shadow)
+        self.method.plan(cfg.steps)
         self.params = self.method.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)

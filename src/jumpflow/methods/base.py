@@ -54,6 +54,17 @@ class Method(nn.Module):
         models' bootstrap, consistency training's teacher). Kept outside the module tree: it is saved once, as EMA."""
         self.__dict__["_ema_net"] = ema_net
 
+    def plan(self, total_steps: int) -> None:
+        """The Trainer says how many optimizer steps the run is set to last (again on resume, with the resumed
+        run's value). Curricula that their papers tie to the length of training (iCT's discretisation, ECT's
+        stages) follow it unless their config fixes a length; the default method has nothing to plan."""
+        self.__dict__["_planned_steps"] = int(total_steps)
+
+    @property
+    def planned_steps(self) -> Optional[int]:
+        """The run length from `plan`, or None outside a Trainer."""
+        return self.__dict__.get("_planned_steps")
+
     @property
     def ema_net(self) -> nn.Module:
         """The EMA student when training under the Trainer, else the student itself."""

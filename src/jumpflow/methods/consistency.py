@@ -44,6 +44,10 @@ from . import register
 from .base import LossOutput, Method
 
 
+PAPER_RUN_STEPS = 400_000  # both papers' CIFAR-10 run length: the curricula's length outside a Trainer
+ECT_RUN_STAGES = 16  # ECT's code: a stage every 25k of 400k iterations
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Conversions and the consistency function
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,7 +214,9 @@ class ICTConfig:
     log_sigma_std: float = 2.0  # P_std [recall]
     discretisation_start: int = 10  # s0: N(0) = 11 noise levels [recall]
     discretisation_end: int = 1280  # s1: N doubles up to 1281 levels [recall]
-    total_steps: int = 400_000  # K, the length of the curriculum (CIFAR-10: 400k iterations); set it to your run's
+    # K, the length of the curriculum: the paper's is its whole run (CIFAR-10: 400k iterations), so 0 = the length of
+    # the training run (Trainer.plan); outside a Trainer 0 means the paper's 400k.
+    total_steps: int = 0
     huber_scale: float = 0.00054  # pseudo-Huber c = huber_scale * sqrt(data dimension) [recall]
     two_step_sigma: float = 0.821  # intermediate sigma of the 2-step sampler (t = 0.451) [recall]
     class_dropout: float = 0.0  # the paper trains without classifier-free guidance; > 0 trains the null label
@@ -232,15 +238,16 @@ class ICT(ConsistencyTraining):
         if not 1 <= cfg.discretisation_start <= cfg.discretisation_end:
             raise JumpflowError(f"ict: need 1 <= discretisation_start <= discretisation_end, got "
                                 f"{cfg.discretisation_start}, {cfg.discretisation_end}")
-        if cfg.total_steps < 1 or cfg.rho <= 0 or cfg.huber_scale < 0:
-            raise JumpflowError(f"ict: total_steps must be >= 1, rho > 0 and huber_scale >= 0, got "
+        if cfg.total_steps < 0 or cfg.rho <= 0 or cfg.huber_scale < 0:
+            raise JumpflowError(f"ict: total_steps must be >= 0 (0 = the run's length), rho > 0 and huber_scale >= 0, got "
                                 f"{cfg.total_steps}, {cfg.rho}, {cfg.huber_scale}")
 
     def discretisation(self, step: int) -> int:
         """Exponential curriculum: N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
         cfg = self.config
         s0, s1 = cfg.discretisation_start, cfg.discretisation_end
-        stage_length = max(1, cfg.total_steps // (int(math.log2(s1 // s0)) + 1))  # K'
+        total = cfg.total_steps or self.planned_steps or PAPER_RUN_STEPS
+        stage_length = max(1, total // (int(math.log2(s1 // s0)) + 1))  # K'
         return min(s0 * 2 ** (step // stage_length), s1) + 1
 
     def karras_sigmas(self, n: int) -> Tensor:
@@ -276,8 +283,8 @@ class ECTConfig:
 
     The paper's main setting tunes a pretrained EDM diffusion model; jumpflow trains the same objective from scratch
     (no pretrained teacher here). Stage 0's mapping sets r = 0 for small sigma, i.e. plain denoising there, which
-    partly stands in for the pretraining. Whether the paper's stage length suits from-scratch training is unverified:
-    with the default 25k steps a short run never leaves stage 0.
+    partly stands in for the pretraining. The stage length scales with the run (1/16 of it, the code's ratio), so a
+    short run goes through every stage; whether that ratio suits from-scratch training is unverified.
     """
 
     log_sigma_mean: float = -1.1  # t ~ lognormal over sigma: log sigma ~ N(-1.1, 2.0^2) [code]
@@ -285,7 +292,9 @@ class ECTConfig:
     gap_decay: float = 2.0  # q: the gap t - r shrinks by q each stage [code]
     gap_boost: float = 8.0  # k: small-sigma gaps are up to (1 + k) times larger [code]
     gap_boost_slope: float = 1.0  # b in sigmoid(-b sigma) [code]
-    stage_steps: int = 25_000  # iterations per stage (CIFAR-10: every 3.2M images at batch 128) [code]
+    # Iterations per stage. The code's CIFAR-10 run doubles every 3.2M images = 25k iterations at batch 128, 1/16 of
+    # its best 400k-iteration run [code]; 0 = the same 1/16 of this training run (Trainer.plan), 25k outside a Trainer.
+    stage_steps: int = 0
     huber_c: float = 0.0  # c of the pseudo-Huber metric; 0 = the L2 norm [code]
     sigma_max: float = 80.0  # 1-step sampling starts at sigma_max [code]
     two_step_sigma: float = 0.821  # intermediate sigma of the 2-step sampler [code README]
@@ -303,16 +312,21 @@ class ECT(ConsistencyTraining):
     def check_config(self) -> None:
         super().check_config()
         cfg = self.config
-        if cfg.gap_decay <= 1 or cfg.gap_boost < 0 or cfg.stage_steps < 1 or cfg.huber_c < 0:
-            raise JumpflowError(f"ect: need gap_decay > 1, gap_boost >= 0, stage_steps >= 1 and huber_c >= 0, got "
+        if cfg.gap_decay <= 1 or cfg.gap_boost < 0 or cfg.stage_steps < 0 or cfg.huber_c < 0:
+            raise JumpflowError(f"ect: need gap_decay > 1, gap_boost >= 0, stage_steps >= 0 and huber_c >= 0, got "
                                 f"{cfg.gap_decay}, {cfg.gap_boost}, {cfg.stage_steps}, {cfg.huber_c}")
 
     def teacher_sigma(self, sigma_t: Tensor, step: int) -> Tensor:
         """ECT's mapping function r = t (1 - (1 + k sigmoid(-b t)) / q^(a + 1)), clamped at 0; stage a = step // d."""
         cfg = self.config
-        stage = step // cfg.stage_steps
+        stage = step // self.stage_length()
         shrink = (1 + cfg.gap_boost * torch.sigmoid(-cfg.gap_boost_slope * sigma_t)) / cfg.gap_decay ** (stage + 1)
         return (sigma_t * (1 - shrink)).clamp(min=0)
+
+    def stage_length(self) -> int:
+        if self.config.stage_steps:
+            return self.config.stage_steps
+        return max(1, (self.planned_steps or PAPER_RUN_STEPS) // ECT_RUN_STAGES)
 
     def noise_levels(self, n: int, step: int) -> Tuple[Tensor, Tensor]:
         cfg = self.config
