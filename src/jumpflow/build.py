@@ -12,6 +12,7 @@ from torch import Tensor
 from . import methods, nets
 from .config import TrainConfig
 from .errors import JumpflowError
+from .methods.base import make_config
 
 
 @dataclass
@@ -31,9 +32,23 @@ class DataInfo:
         return cls(d["name"], d["kind"], tuple(d["shape"]), int(d["num_classes"]))
 
 
+def backbone_options(cfg: TrainConfig) -> dict:
+    """The user's backbone options merged with the ones the method requires (Method.backbone_requirements); a user
+    value that contradicts a requirement is an error, not silently overridden."""
+    cls = methods.METHODS[cfg.method]
+    required = cls.backbone_requirements(make_config(cls.Config, cfg.method_options))
+    conflicts = sorted(k for k, v in required.items() if k in cfg.backbone_options and cfg.backbone_options[k] != v)
+    if conflicts:
+        raise JumpflowError(f"method {cfg.method!r} needs backbone option(s) "
+                            + ", ".join(f"{k}={required[k]!r}" for k in conflicts) + "; the config sets "
+                            + ", ".join(f"{k}={cfg.backbone_options[k]!r}" for k in conflicts)
+                            + " (leave them out: the method sets them)")
+    return {**cfg.backbone_options, **required}
+
+
 def build_method(cfg: TrainConfig, info: DataInfo) -> methods.Method:
     backbone = cfg.backbone or nets.default_backbone(info.shape)
-    net = nets.build(backbone, info.shape, info.num_classes, **cfg.backbone_options)
+    net = nets.build(backbone, info.shape, info.num_classes, **backbone_options(cfg))
     return methods.get(cfg.method, net, info.shape, info.num_classes, **cfg.method_options)
 
 

@@ -127,6 +127,11 @@ def test_consistency_times_and_gap_schedule():
     assert float(method.gap_ratio()) == pytest.approx(0.1 * (0.002 / 0.1) ** 0.5)
     method.training_step.fill_(10 ** 6)
     assert float(method.gap_ratio()) == pytest.approx(0.002)
+    planned = methods.get("soflow", nets.build("mlp", (2,), width=16, depth=1), (2,))  # K = the run's length
+    planned.training_step.fill_(1000)
+    assert float(planned.gap_ratio()) == pytest.approx(0.1 * (0.002 / 0.1) ** (1000 / 400_000))  # no plan: 400k
+    planned.plan(2000)
+    assert float(planned.gap_ratio()) == pytest.approx(0.1 * (0.002 / 0.1) ** 0.5)
 
 
 def _fm_error(net, x, eps, t):
@@ -205,7 +210,7 @@ def test_guidance_mixes_the_model_velocities_for_labelled_samples_only():
 @pytest.mark.parametrize("options, match", [
     ({"flow_matching_share": 1.5}, "flow_matching_share"),
     ({"gap_ratio_end": 0.0}, "gap_ratio"),
-    ({"gap_schedule_steps": 0}, "gap_schedule_steps"),
+    ({"gap_schedule_steps": -1}, "gap_schedule_steps"),
     ({"min_gap": 0.0}, "min_gap"),
     ({"guidance_mix": -0.1}, "guidance_mix"),
     ({"gap_ratio": 0.1}, "unknown option"),

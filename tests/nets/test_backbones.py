@@ -208,3 +208,85 @@ def test_bfloat16_autocast_forward(name, shape):
         out = net(x, t, s, torch.tensor([0, 1, 2]))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
+# --- generic options: extra_inputs (more scalar conditioning) and heads (several predictions, one trunk) ----------
+
+# State-dict keys and shapes of small(name, shape, num_classes=3), recorded before the options existed: nets built
+# with the defaults must keep them, so old checkpoints load. The MLP's are listed; the UNet's 125 are hashed.
+MLP_KEYS_BEFORE_OPTIONS = [
+    ("cond.time.mlp.0.weight", (32, 128)), ("cond.time.mlp.0.bias", (32,)), ("cond.time.mlp.2.weight", (32, 32)),
+    ("cond.time.mlp.2.bias", (32,)), ("cond.gap.mlp.0.weight", (32, 128)), ("cond.gap.mlp.0.bias", (32,)),
+    ("cond.gap.mlp.2.weight", (32, 32)), ("cond.gap.mlp.2.bias", (32,)), ("cond.label.weight", (4, 32)),
+    ("inp.weight", (32, 2)), ("inp.bias", (32,)), ("blocks.0.film.weight", (64, 32)), ("blocks.0.film.bias", (64,)),
+    ("blocks.0.fc1.weight", (32, 32)), ("blocks.0.fc1.bias", (32,)), ("blocks.0.fc2.weight", (32, 32)),
+    ("blocks.0.fc2.bias", (32,)), ("blocks.1.film.weight", (64, 32)), ("blocks.1.film.bias", (64,)),
+    ("blocks.1.fc1.weight", (32, 32)), ("blocks.1.fc1.bias", (32,)), ("blocks.1.fc2.weight", (32, 32)),
+    ("blocks.1.fc2.bias", (32,)), ("out.weight", (2, 32)), ("out.bias", (2,)),
+]
+UNET_KEYS_BEFORE_OPTIONS = (125, "bce38c6a84ee79197b84358d539247cbe8422f4f2ac48e6a09e5a9b857e5ec90")
+
+
+def test_default_options_keep_the_state_dict_of_nets_built_before_they_existed():
+    import hashlib
+
+    mlp = small("mlp", (2,), num_classes=3)
+    assert [(k, tuple(v.shape)) for k, v in mlp.state_dict().items()] == MLP_KEYS_BEFORE_OPTIONS
+    unet = small("unet", (1, 8, 8), num_classes=3).state_dict()
+    text = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in unet.items())
+    assert (len(unet), hashlib.sha256(text.encode()).hexdigest()) == UNET_KEYS_BEFORE_OPTIONS
+    # Spelled-out defaults are the same net, drawn from the same random stream, with the same outputs.
+    for name, shape in CASES:
+        nets = []
+        for options in ({}, {"extra_inputs": 0, "heads": 1}):
+            torch.manual_seed(0)
+            nets.append(small(name, shape, num_classes=3, **options))
+            randomise_output(nets[-1])
+        x, t, s = inputs(shape)
+        a, b = (n.state_dict() for n in nets)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        with torch.no_grad():
+            assert torch.equal(nets[0](x, t, s), nets[1](x, t, s, None, None))
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_extra_inputs_and_heads(name, shape):
+    torch.manual_seed(0)
+    net = small(name, shape, num_classes=3, extra_inputs=3, heads=2)
+    randomise_output(net)
+    x, t, s = inputs(shape)
+    extra = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.2, 0.7], [0.8, 0.4, 0.6]])
+    out = net(x, t, s, torch.tensor([0, 1, 3]), extra)
+    assert out.shape == (3, 2 * shape[0], *shape[1:])  # two predictions side by side along dim 1
+    first, second = out.chunk(2, dim=1)
+    assert (first - second).abs().max() > 1e-6  # separate output weights
+    for i in range(3):  # every extra column reaches the output...
+        moved = extra.clone()
+        moved[:, i] += 0.3
+        with torch.no_grad():
+            assert (net(x, t, s, torch.tensor([0, 1, 3]), moved) - out).abs().max() > 1e-6
+    out.pow(2).sum().backward()
+    for i in range(3):  # ...and every extra embedder gets a gradient
+        grads = [p.grad for p in net.cond.extra[i].parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    with torch.no_grad():  # a (1, k) row broadcasts over the batch
+        row = torch.tensor([[0.5, 0.2, 0.7]])
+        assert torch.allclose(net(x, t, s, None, row), net(x, t, s, None, row.expand(3, 3)))
+    assert len(net.state_dict()) == len(small(name, shape, num_classes=3).state_dict()) + 3 * 4  # 3 embedders
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_extra_inputs_and_heads_errors(name, shape):
+    net = small(name, shape, extra_inputs=2)
+    x, t, s = inputs(shape)
+    with pytest.raises(JumpflowError, match=r"extra_inputs=2.*\(B, 2\)"):
+        net(x, t, s)
+    with pytest.raises(JumpflowError, match=r"shape \(3, 2\).*got \(3, 3\)"):
+        net(x, t, s, None, torch.zeros(3, 3))
+    with pytest.raises(JumpflowError, match="float"):
+        net(x, t, s, None, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(JumpflowError, match="takes no extra inputs"):
+        small(name, shape)(x, t, s, None, torch.zeros(3, 2))
+    for bad in ({"heads": 0}, {"heads": 1.5}, {"extra_inputs": -1}, {"extra_inputs": True}):
+        with pytest.raises(JumpflowError, match=next(iter(bad))):
+            small(name, shape, **bad)

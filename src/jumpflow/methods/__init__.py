@@ -37,7 +37,8 @@ def catalogue() -> List[Dict[str, Any]]:
 
 
 # Importing the modules registers them.
-from . import consistency, flow_matching, imm, meanflow, shortcut, soflow, split_meanflow, tvm  # noqa: E402,F401
+from . import (consistency, flow_matching, imf, imm, meanflow, modular_meanflow, sct, shortcut, soflow,  # noqa: E402,F401
+               split_meanflow, tvm, twinflow)
 from .. import peers  # noqa: E402,F401  # peers register here too; their packages load only when built
 
 __all__ = ["METHODS", "Method", "LossOutput", "get", "names", "catalogue", "register"]

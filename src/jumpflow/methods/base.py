@@ -40,6 +40,12 @@ class Method(nn.Module):
         self.shape = tuple(shape)
         self.num_classes = num_classes
 
+    @classmethod
+    def backbone_requirements(cls, config: Any) -> Dict[str, Any]:
+        """Backbone options this method needs, given its config (e.g. iMF: {"extra_inputs": 3, "heads": 2}).
+        build_method merges them into the backbone options and refuses a user value that contradicts one."""
+        return {}
+
     # --- training -----------------------------------------------------------------------------------------
     def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
         raise NotImplementedError

@@ -60,11 +60,12 @@ class SoFlowConfig:
     s_std: float = 0.8
     # rho(k) = gap_ratio_start * (gap_ratio_end / gap_ratio_start) ** min(k / gap_schedule_steps, 1): the share of
     # the way from t to s where the consistency target is taken [code: r_init 0.1, r_end 0.002 ImageNet; 1.0 and
-    # 0.0003125 CIFAR-10]. The geometric form of the exponential decay and K = 400k (the B/4 run length) are
+    # 0.0003125 CIFAR-10]. The geometric form of the exponential decay and K = the run's length (400k for B/4) are
     # [unverified]; the official README advises a smaller start or a constant rho (start == end) for short runs.
+    # gap_schedule_steps = 0: K = the training run's length (Trainer.plan), 400k outside a Trainer.
     gap_ratio_start: float = 0.1
     gap_ratio_end: float = 0.002
-    gap_schedule_steps: int = 400_000
+    gap_schedule_steps: int = 0
     min_gap: float = 1e-4  # t >= min_gap, s <= t - min_gap, l <= t - min_gap [code]
     adaptive_power: float = 1.0  # p in w = 1 / sg(||delta||^2 + eps)^p, ||.||^2 a per-sample mean [code: 1.0 ImageNet]
     adaptive_eps: float = 0.01  # eps [code: 0.01 ImageNet, 1e-3 CIFAR-10 with p = 0.75]
@@ -96,8 +97,8 @@ class SoFlow(Method):
         if not 0.0 < cfg.gap_ratio_end <= 1.0 or not 0.0 < cfg.gap_ratio_start <= 1.0:
             raise JumpflowError(f"gap_ratio_start and gap_ratio_end must lie in (0, 1], got "
                                 f"{cfg.gap_ratio_start}, {cfg.gap_ratio_end}")
-        if cfg.gap_schedule_steps < 1:
-            raise JumpflowError(f"gap_schedule_steps must be >= 1, got {cfg.gap_schedule_steps}")
+        if cfg.gap_schedule_steps < 0:
+            raise JumpflowError(f"gap_schedule_steps must be >= 0 (0 = the run's length), got {cfg.gap_schedule_steps}")
         if not 0.0 < cfg.min_gap < 0.5:
             raise JumpflowError(f"min_gap must lie in (0, 0.5), got {cfg.min_gap}")
         if cfg.adaptive_power < 0 or cfg.adaptive_eps <= 0:
@@ -118,7 +119,8 @@ class SoFlow(Method):
         """rho(k): exponential decay from gap_ratio_start to gap_ratio_end over gap_schedule_steps (0-d tensor,
         computed on the step counter's device: no host sync)."""
         cfg = self.config
-        progress = (self.training_step / cfg.gap_schedule_steps).clamp(max=1.0)
+        length = cfg.gap_schedule_steps or self.planned_steps or 400_000
+        progress = (self.training_step / length).clamp(max=1.0)
         return cfg.gap_ratio_start * (cfg.gap_ratio_end / cfg.gap_ratio_start) ** progress
 
     def consistency_times(self, n: int, device) -> Tuple[Tensor, Tensor, Tensor]:

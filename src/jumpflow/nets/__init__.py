@@ -1,7 +1,16 @@
-"""Backbones: method-agnostic networks net(x, t, s, cond=None) -> tensor shaped like x.
+"""Backbones: method-agnostic networks net(x, t, s, cond=None, extra=None) -> tensor shaped like x.
 
 x is (B, *shape); t, s are (B,) times in [0, 1] with s <= t (s == t asks for the instantaneous velocity); cond is an
 optional (B,) int64 label in [0, num_classes], num_classes being the null label (cond=None means all null).
+
+Two generic options, on every backbone (a method asks for them through Method.backbone_requirements):
+- extra_inputs = k (default 0): k more scalar conditioning inputs; extra is then a required (B, k) float tensor, each
+  column embedded by its own Fourier embedder and summed into the conditioning vector (iMF's guidance scale and
+  interval). With k = 0, extra must be None.
+- heads = n (default 1): n predictions from one shared trunk, concatenated along dim 1: (B, n * D) for vectors,
+  (B, n * C, H, W) for images (iMF's average- and instantaneous-velocity heads).
+With the defaults the nets are exactly those built before the options existed: same parameters and state-dict keys,
+same outputs, so old checkpoints load.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Conditioning shared by every backbone: (t, s, label) -> one vector.
+"""Conditioning shared by every backbone: (t, s, label, extra scalars) -> one vector.
 
 Backbones take two times, t (now) and s (target of the jump, s <= t). We embed t and the gap h = t - s with two
 separate embedders and sum them (plus a class embedding), the (t, t - r) parameterisation of MeanFlow.
 h = 0 ("instantaneous velocity") is an ordinary input: sin(0) = 0, cos(0) = 1, nothing divides by h.
+A backbone built with extra_inputs = k also takes k extra scalars per sample (say a guidance scale and a guidance
+interval, iMF), each with its own Fourier embedder, summed in; with k = 0 (the default) none exist.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import JumpflowError
 
 
 def _is_compiling() -> bool:
@@ -72,24 +76,59 @@ class TimeEmbedding(nn.Module):
 
 
 class ConditionEmbedding(nn.Module):
-    """(t, s, cond) -> (B, dim) = emb_t(t) + emb_h(t - s) + class_emb(cond).
+    """(t, s, cond, extra) -> (B, dim) = emb_t(t) + emb_h(t - s) + class_emb(cond) + sum_i emb_i(extra[:, i]).
 
     With num_classes > 0 the class table has num_classes + 1 rows; row num_classes is the null label used for
     classifier-free-guidance dropout, and cond=None means "all null". With num_classes = 0 there is no table: cond
     must be None or all zeros (0 is then the null label, which is what label dropout produces).
+
+    extra_inputs = k adds k embedders (TimeEmbedding, so meant for scalars of order [0, 1]) for an (B, k) `extra`
+    tensor, which is then required; with k = 0 there are no such modules (parameters and state-dict keys are those
+    of a net without the option) and `extra` must be None.
     """
 
-    def __init__(self, dim: int, num_classes: int = 0, frequency_dim: int = 256, max_frequency: float = 20.0):
+    def __init__(self, dim: int, num_classes: int = 0, frequency_dim: int = 256, max_frequency: float = 20.0,
+                 extra_inputs: int = 0):
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if isinstance(extra_inputs, bool) or not isinstance(extra_inputs, int) or extra_inputs < 0:
+            raise JumpflowError(f"extra_inputs must be an int >= 0, got {extra_inputs!r}")
         self.num_classes = num_classes
+        self.extra_inputs = extra_inputs
         self.time = TimeEmbedding(dim, frequency_dim, max_frequency)
         self.gap = TimeEmbedding(dim, frequency_dim, max_frequency)
         self.label = nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
+        # Created last and only when asked for, so nets without extra inputs draw the same initial parameters.
+        if extra_inputs:
+            self.extra = nn.ModuleList([TimeEmbedding(dim, frequency_dim, max_frequency)
+                                        for _ in range(extra_inputs)])
 
-    def forward(self, t: Tensor, s: Tensor, cond: Optional[Tensor] = None) -> Tensor:  # (B,), (B,), (B,) -> (B, D)
+    def check_extra(self, extra: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        """None when extra_inputs = 0; else `extra` as a (batch, extra_inputs) tensor (a (1, k) row broadcasts)."""
+        k = self.extra_inputs
+        if k == 0:
+            if extra is not None:
+                raise JumpflowError("this backbone was built with extra_inputs=0 and takes no extra inputs; build it "
+                                    "with extra_inputs=k to condition on k extra scalars")
+            return None
+        if extra is None:
+            raise JumpflowError(f"this backbone was built with extra_inputs={k}: pass extra, a float tensor of shape "
+                                f"(B, {k})")
+        if extra.dim() != 2 or extra.shape[1] != k or extra.shape[0] not in (1, batch):
+            raise JumpflowError(f"extra must have shape ({batch}, {k}) (this backbone has extra_inputs={k}), "
+                                f"got {tuple(extra.shape)}")
+        if not extra.is_floating_point():
+            raise JumpflowError(f"extra must be a float tensor, got dtype {extra.dtype}")
+        return extra.expand(batch, k)
+
+    def forward(self, t: Tensor, s: Tensor, cond: Optional[Tensor] = None,
+                extra: Optional[Tensor] = None) -> Tensor:  # (B,), (B,), (B,), (B, k) -> (B, D)
+        extra = self.check_extra(extra, t.shape[0])
         emb = self.time(t) + self.gap(t - s)
+        if extra is not None:
+            for i, embed in enumerate(self.extra):
+                emb = emb + embed(extra[:, i])
         if cond is not None:
             check_labels(cond, self.num_classes)
         if self.label is None:

@@ -99,11 +99,16 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """net(x, t, s, cond=None) -> shaped like x, for square images x of shape (B, C, H, W).
+    """net(x, t, s, cond=None, extra=None) -> shaped like x, for square images x of shape (B, C, H, W).
 
     Levels run at H, H/2, ..., H/2**(len(channel_mult)-1) with channels * mult channels each. attention_resolutions
     lists the side lengths that get self-attention; None means "the lowest resolution only, if it is >= 4" (so 8x8
     digits with the default (1, 2, 2) get no attention and stay cheap), () means none.
+
+    extra_inputs = k: the net also takes `extra`, a (B, k) float tensor of scalars, each embedded by its own Fourier
+    embedder and summed into the conditioning vector (ConditionEmbedding). heads = n: the output convolution makes n
+    predictions from the shared trunk, concatenated along the channels: (B, n * C, H, W). The defaults (0, 1) build
+    exactly the net without these options (same parameters, state-dict keys and outputs).
     """
 
     data_rank = 3  # build() checks len(shape) against this
@@ -112,11 +117,13 @@ class UNet(nn.Module):
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Optional[Sequence[int]] = None, dropout: float = 0.0,
                  head_channels: int = 64, frequency_dim: int = 256,
-                 max_frequency: float = 20.0):
+                 max_frequency: float = 20.0, extra_inputs: int = 0, heads: int = 1):
         super().__init__()
         shape = tuple(int(d) for d in shape)
         channel_mult = tuple(int(m) for m in channel_mult)
         self._validate(shape, channel_mult, channels, num_res_blocks)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise JumpflowError(f"heads must be an int >= 1, got {heads!r}")
         cin, side = shape[0], shape[1]
         lowest = side // 2 ** (len(channel_mult) - 1)
         if attention_resolutions is None:
@@ -129,8 +136,9 @@ class UNet(nn.Module):
                                 f"it runs at {resolutions}")
         self.shape = shape
         self.num_classes = num_classes
+        self.extra_inputs, self.heads = extra_inputs, heads
         emb_dim = 4 * channels
-        self.cond = ConditionEmbedding(emb_dim, num_classes, frequency_dim, max_frequency)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, frequency_dim, max_frequency, extra_inputs)
         self.inp = nn.Conv2d(cin, channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> nn.Module:
@@ -163,7 +171,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
         self.out_norm = GroupNorm(_groups(ch), ch)
-        self.out = nn.Conv2d(ch, cin, 3, padding=1)
+        self.out = nn.Conv2d(ch, heads * cin, 3, padding=1)  # heads predictions side by side: (B, heads * C, H, W)
         # Zero output: an untrained net predicts 0.
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -185,9 +193,10 @@ class UNet(nn.Module):
             raise JumpflowError(f"unet with channel_mult={channel_mult} halves the resolution {len(channel_mult) - 1} "
                                 f"times, so H = W must be >= 8 and divisible by {factor}; got {h}x{w}")
 
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Optional[Tensor] = None,
+                extra: Optional[Tensor] = None) -> Tensor:
         b = x.shape[0]
-        emb = self.cond(batch_times(t, b), batch_times(s, b), cond)  # (B, 4 * channels)
+        emb = self.cond(batch_times(t, b), batch_times(s, b), cond, extra)  # (B, 4 * channels)
         h = self.inp(x)  # (B, channels, H, W)
         skips = [h]
         for layer in self.down:
@@ -204,4 +213,4 @@ class UNet(nn.Module):
             else:
                 block, attn = layer
                 h = attn(block(torch.cat([h, skips.pop().to(h.dtype)], dim=1), emb))
-        return self.out(F.silu(self.out_norm(h))).to(x.dtype)  # (B, C, H, W)
+        return self.out(F.silu(self.out_norm(h))).to(x.dtype)  # (B, heads * C, H, W)
