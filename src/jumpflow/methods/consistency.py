@@ -239,7 +239,8 @@ class ICT(ConsistencyTraining):
             raise JumpflowError(f"ict: need 1 <= discretisation_start <= discretisation_end, got "
                                 f"{cfg.discretisation_start}, {cfg.discretisation_end}")
         if cfg.total_steps < 0 or cfg.rho <= 0 or cfg.huber_scale < 0:
-            raise JumpflowError(f"ict: total_steps must be >= 0 (0 = the run's length), rho > 0 and huber_scale >= 0, got "
+            raise JumpflowError(f"ict: total_steps must be >= 0 (0 = the run's length), rho > 0 and huber_scale >= 0, "
+                                f"got "
                                 f"{cfg.total_steps}, {cfg.rho}, {cfg.huber_scale}")
 
     def discretisation(self, step: int) -> int:

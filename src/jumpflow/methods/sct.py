@@ -39,10 +39,11 @@ t_in = 2 theta / pi (the paper's c_noise(theta) = theta, rescaled to the backbon
 consistency function's output head, a jump to data. Its output is TrigFlow's F, not jumpflow's average velocity.
 
 sigma_d is the data's std (the paper's 0.5 is CIFAR-10's): it sets the scale of the noise, of the network's input
-x_theta / sigma_d and of F. By default jumpflow measures it on the first training batch (`sigma_data = 0`). Measured on 8 gaussians (per-coordinate std
-1.4; toy recipe, 1000 steps, 1 step): sigma_data=0.5 gives sliced Wasserstein 0.15 with 57% of samples in the support
-(a ring bridging the modes), sigma_data=1.4 gives 0.09 (floor 0.09) and 88% -- both with a 200-step tangent warm-up;
-the paper's 10k-step warm-up leaves r = 0.1 after 1000 steps (0.33, 48%).
+x_theta / sigma_d and of F. By default jumpflow measures it on the first training batch (`sigma_data = 0`).
+Measured on 8 gaussians (per-coordinate std 1.4; toy recipe, 1000 steps, 1 step): sigma_data=0.5 gives sliced
+Wasserstein 0.15 with 57% of samples in the support (a ring bridging the modes), sigma_data=1.4 gives 0.09 (floor
+0.09) and 88% -- both with a 200-step tangent warm-up; the paper's 10k-step warm-up leaves r = 0.1 after 1000 steps
+(0.33, 48%).
 """
 
 from __future__ import annotations
