@@ -84,8 +84,14 @@ class Method(nn.Module):
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net: Optional[nn.Module] = None,
                **options) -> Tensor:
-        """Map noise at t = 1 to data at t = 0 in `steps` network jumps (NFE counted by `nfe`)."""
-        raise NotImplementedError
+        """Map noise at t = 1 to data at t = 0 in `steps` network jumps (NFE counted by `nfe`).
+
+        The default is `flow_map_jumps`, right for every method whose net(z, t, s) is the average velocity from t
+        down to s (MeanFlow and its kin); methods with another sampler or with sampling options override it."""
+        self.check_steps(steps)
+        if options:
+            raise JumpflowError(f"{self.name} sampling takes no option(s) {', '.join(sorted(options))}")
+        return self.flow_map_jumps(noise, steps, net if net is not None else self.net, labels)
 
     def nfe(self, steps: int) -> int:
         return steps

@@ -38,7 +38,6 @@ Where jumpflow differs from the paper, on purpose:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
@@ -47,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..errors import JumpflowError
-from ..jvp import JVP_MODES, jvp_self_check, refuse_ddp, total_derivative
+from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_derivative
 from ..paths import conditional_velocity, expand_time, interpolate, sample_times, time_grid
 from . import register
 from .base import LossOutput, Method
@@ -247,11 +246,7 @@ class ImprovedMeanFlow(Method):
     def self_check(self, x: Tensor, labels: Optional[Tensor]) -> dict:
         """Exact forward-mode JVP vs a finite difference on this network (see MeanFlow.self_check), with the guidance
         inputs set; all-zero parameters (the output layer) are re-drawn small on a copy so the check is not vacuous."""
-        probe = copy.deepcopy(self.net)
-        with torch.no_grad():
-            for p in probe.parameters():
-                if not p.any():
-                    p.normal_(0.0, 0.02)
+        probe = nonvacuous_copy(self.net)
         x = x[:16].float()
         n = x.shape[0]
         noise = torch.randn_like(x)
@@ -261,10 +256,8 @@ class ImprovedMeanFlow(Method):
         extra = guidance_inputs(2 * ones, 0.25 * ones, 0.75 * ones) if labels is not None else guidance_inputs(
             ones, 0 * ones, ones)
         fn = lambda z_, t_, r_: probe(z_, t_, r_, labels, extra).float()  # noqa: E731
-        report = jvp_self_check(fn, (interpolate(x, noise, t), t, r),
-                                (conditional_velocity(x, noise), torch.ones_like(t), torch.zeros_like(r)))
-        return {"jvp_relative_error": report["relative_error"], "jvp_norm": report["norm"],
-                "ok": float(report["ok"])}
+        return jvp_report(probe, fn, (interpolate(x, noise, t), t, r),
+                          (conditional_velocity(x, noise), torch.ones_like(t), torch.zeros_like(r)))
 
     # --- sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()

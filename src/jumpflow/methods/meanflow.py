@@ -13,7 +13,6 @@ tangent (v, dt = 1, dr = 0). In jumpflow's backbone signature net(z, t, s) the j
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import JumpflowError
-from ..jvp import jvp_self_check, refuse_ddp, total_derivative
+from ..jvp import jvp_report, nonvacuous_copy, refuse_ddp, total_derivative
 from ..paths import conditional_velocity, expand_time, interpolate, sample_times
 from . import register
 from .base import LossOutput, Method
@@ -107,21 +106,8 @@ class MeanFlow(Method):
         Backbones start with a zero output layer, which would make any check pass vacuously (both derivatives 0), so
         the check runs on a copy whose all-zero parameters are re-drawn small and random.
         """
-        probe = copy.deepcopy(self.net)
-        with torch.no_grad():
-            for p in probe.parameters():
-                if not p.any():
-                    p.normal_(0.0, 0.02)
+        probe = nonvacuous_copy(self.net)
         z, t, r, v = self.training_point(x[:16].float())
         labels = labels[:16] if labels is not None else None
         fn = lambda z_, t_, r_: probe(z_, t_, r_, labels).float()  # noqa: E731
-        report = jvp_self_check(fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-        return {"jvp_relative_error": report["relative_error"], "jvp_norm": report["norm"],
-                "ok": float(report["ok"])}
-
-    @torch.no_grad()
-    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net=None, **options) -> Tensor:
-        """k jumps on the uniform grid: z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i)."""
-        self.check_steps(steps)
-        net = net if net is not None else self.net
-        return self.flow_map_jumps(noise, steps, net, labels)
+        return jvp_report(probe, fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))

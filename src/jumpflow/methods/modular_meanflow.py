@@ -28,7 +28,6 @@ fixed lambda = 1 gave 0.43. A lambda > 0 step costs ~1.5x a lambda = 0 step (the
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -36,12 +35,11 @@ import torch
 from torch import Tensor
 
 from ..errors import JumpflowError
-from ..jvp import JVP_MODES, jvp_self_check, refuse_ddp, total_derivative
+from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_derivative
 from ..paths import expand_time
 from . import register
 from .base import LossOutput
 from .meanflow import MeanFlow, MeanFlowConfig
-from .tvm import _BACKWARD_TOLERANCE, _jvp_backward_error
 
 
 def gradient_modulation(z: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -155,27 +153,9 @@ class ModularMeanFlow(MeanFlow):
         Runs on a copy whose all-zero parameters are re-drawn small (a zero output layer makes checks vacuous)."""
         if self.config.jvp_mode != "exact":
             return {}
-        probe = copy.deepcopy(self.net).requires_grad_(True)
-        with torch.no_grad():
-            for p in probe.parameters():
-                if not p.any():
-                    p.normal_(0.0, 0.02)
+        probe = nonvacuous_copy(self.net)
         z, t, r, v = self.training_point(x[:16].float())
         labels = labels[:16] if labels is not None else None
         fn = lambda z_, t_, r_: probe(z_, t_, r_, labels).float()  # noqa: E731
         tangents = (v, torch.ones_like(t), torch.zeros_like(r))
-        report = jvp_self_check(fn, (z, t, r), tangents)
-        out = {"jvp_relative_error": report["relative_error"], "jvp_norm": report["norm"], "ok": float(report["ok"])}
-        if self.config.modulation > 0:
-            out["jvp_backward_relative_error"] = _jvp_backward_error(probe, fn, (z, t, r), tangents)
-            out["ok"] = float(report["ok"] and out["jvp_backward_relative_error"] <= _BACKWARD_TOLERANCE)
-        return out
-
-    @torch.no_grad()
-    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net=None, **options) -> Tensor:
-        """k jumps on the uniform grid: z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i)."""
-        self.check_steps(steps)
-        if options:
-            raise JumpflowError(f"modular_meanflow sampling takes no option(s) {', '.join(sorted(options))}")
-        net = net if net is not None else self.net
-        return self.flow_map_jumps(noise, steps, net, labels)
+        return jvp_report(probe, fn, (z, t, r), tangents, backward=self.config.modulation > 0)

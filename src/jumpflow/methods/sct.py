@@ -48,7 +48,6 @@ Wasserstein 0.15 with 57% of samples in the support (a ring bridging the modes),
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
@@ -58,7 +57,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from ..errors import JumpflowError
-from ..jvp import JVP_MODES, jvp_self_check, refuse_ddp, total_derivative
+from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_derivative
 from ..nets.embeddings import TimeEmbedding
 from ..paths import expand_time
 from . import register
@@ -311,21 +310,15 @@ class SCT(Method):
         """Exact forward-mode JVP vs a finite difference on this network at a few training points (on a copy whose
         zero-initialised parameters are re-drawn, so the check is not vacuous)."""
         self.measure_sigma_data(x)
-        probe = copy.deepcopy(self.net)
-        with torch.no_grad():
-            for p in probe.parameters():
-                if not p.any():
-                    p.normal_(0.0, 0.02)
+        probe = nonvacuous_copy(self.net)
         x0 = x[:16].float()
         theta, _ = self.sample_angles(x0.shape[0], x0.device)
         z = self.sigma_d * torch.randn_like(x0)
         cos, sin = expand_time(torch.cos(theta), x0), expand_time(torch.sin(theta), x0)
         cos_sin = torch.cos(theta) * torch.sin(theta)
         F = trigflow_network(probe, self.sigma_d, labels[:16] if labels is not None else None)
-        report = jvp_self_check(lambda x_, t_: F(x_, t_).float(), (cos * x0 + sin * z, theta),
-                                (expand_time(cos_sin, x0) * (cos * z - sin * x0), cos_sin))
-        return {"jvp_relative_error": report["relative_error"], "jvp_norm": report["norm"],
-                "ok": float(report["ok"])}
+        return jvp_report(probe, lambda x_, t_: F(x_, t_).float(), (cos * x0 + sin * z, theta),
+                          (expand_time(cos_sin, x0) * (cos * z - sin * x0), cos_sin))
 
     # --- sampling ---------------------------------------------------------------------------------------------
     def sampling_angles(self, steps: int) -> Tensor:

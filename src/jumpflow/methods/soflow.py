@@ -189,13 +189,3 @@ class SoFlow(Method):
         # Total = n_FM / B * L_FM + n_C / B * L_SCM (each a mean over its part of the batch).
         return LossOutput(loss_fm + loss_c, {"mse_fm": mse_fm, "mse_consistency": mse_c,
                                               "gap_ratio": self.gap_ratio().detach()})
-
-    # --- sampling -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net=None, **options) -> Tensor:
-        """z_{t_{i+1}} = f_theta(z_{t_i}, t_i, t_{i+1}) on the uniform grid 1 = t_0 > ... > t_steps = 0."""
-        self.check_steps(steps)
-        if options:
-            raise JumpflowError(f"soflow sampling takes no option(s) {', '.join(sorted(options))}")
-        net = net if net is not None else self.net
-        return self.flow_map_jumps(noise, steps, net, labels)  # f = z - (t - s) net

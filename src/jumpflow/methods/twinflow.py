@@ -305,15 +305,6 @@ class TwinFlow(Method):
             metrics["dm_delta"] = delta.abs().mean().detach()
         return LossOutput(loss, {k: v_.detach() for k, v_ in metrics.items()})
 
-    # --- sampling -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net=None, **options) -> Tensor:
-        """k uniform jumps with positive times: z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) F(z_{t_i}, t_i, t_{i+1})."""
-        self.check_steps(steps)
-        if options:
-            raise JumpflowError(f"twinflow sampling takes no option(s) {', '.join(sorted(options))}")
-        net = net if net is not None else self.net
-        return self.flow_map_jumps(noise, steps, net, labels)
 
 
 def _rows(labels: Optional[Tensor], mask: Tensor) -> Optional[Tensor]:
