@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from jumpflow import data as data_lib
-from jumpflow import methods, nets
+from jumpflow import methods
+from jumpflow.build import DataInfo, build_method
+from jumpflow.config import TrainConfig
 
 
 def step_times_ms(variants, shape, batch_size: int, rounds: int = 5, steps: int = 20) -> dict:
@@ -28,7 +30,8 @@ def step_times_ms(variants, shape, batch_size: int, rounds: int = 5, steps: int 
     built = {}
     for label, name, options in variants:
         torch.manual_seed(0)
-        method = methods.get(name, nets.build("mlp", shape), shape, **options)
+        cfg = TrainConfig(method=name, method_options=options, backbone="mlp")  # the backbone the method needs
+        method = build_method(cfg, DataInfo("speed", "vector", tuple(shape), 0))
         built[label] = (method, torch.optim.AdamW(method.parameters(), lr=1e-4))
     x = torch.randn(batch_size, *shape)
     times = {label: [] for label in built}

@@ -1,30 +1,18 @@
-import json
 import math
 
 import pytest
 import torch
 
-import jumpflow
-from jumpflow import TrainConfig, methods, nets
-from jumpflow.data.toys import eight_gaussians, gmm1d
+from jumpflow import methods, nets
+from jumpflow.data.toys import gmm1d
 from jumpflow.errors import JumpflowError
 from jumpflow.eval import mode_coverage, sliced_wasserstein
 from jumpflow.methods.consistency import (ECT, ICT, consistency_function, consistency_pair, pseudo_huber,
                                           sampling_times, sigma_to_time, time_to_sigma)
 from tests.gaussian import ExactGaussian, ExactVelocity
+from tests.methods.toy_training import OneStepMap, random_mlp, train_with_trainer
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
-
-
-def random_mlp(**options):
-    """A small MLP whose zero-initialised output layer is re-drawn, so its output is a non-trivial function."""
-    torch.manual_seed(0)
-    net = nets.build("mlp", (2,), width=32, depth=2, **options).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.5)
-    return net
 
 
 # --- the boundary condition and the parameterisation -------------------------------------------------------------
@@ -276,36 +264,20 @@ def test_unet_loss_and_sampling_with_labels(name):
     assert method.sample(torch.randn(2, 1, 8, 8), 1).shape == (2, 1, 8, 8)  # labels=None: the null label
 
 
-def _train(method, out, options=None):
-    cfg = TrainConfig(method=method, data="8gaussians", steps=250, batch_size=256, lr=2e-3, warmup_steps=20,
-                      backbone_options={"width": 64, "depth": 2}, ema_decay=0.99, log_every=1, sample_every=0,
-                      checkpoint_every=0, progress=False, seed=0, method_options=options or {})
-    jumpflow.train(cfg, out)
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return jumpflow.load(out), losses
-
-
-def test_training_learns_a_one_step_map_far_better_than_one_step_flow_matching(tmp_path):
-    mixture = eight_gaussians()
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0)
-    spread = (exact - exact.mean(0)).pow(2).sum(1).mean().sqrt()
-
-    def relative_map_error(x):
-        return ((x - exact).norm(dim=1).mean() / spread).item()
-
-    flow, _ = _train("flow_matching", tmp_path / "fm")
-    fm_error = relative_map_error(flow.generate(noise=noise, steps=1))
+def test_training_learns_a_one_step_map_far_better_than_one_step_flow_matching(tmp_path, trainer_flow_matching):
+    target = OneStepMap.seeded(n_steps=None)  # the exact map to flow_map's default precision
+    flow, _ = trainer_flow_matching
+    fm_error = target.relative_error(flow.generate(noise=target.noise, steps=1))
     assert fm_error > 0.8  # 1-step flow matching: about the data mean
     # The paper-length curricula (they stay at their first, coarsest stage in 250 steps): scaled to so short a run,
     # the curricula race to fine gaps before the map is learned (measured: map error 0.46 / 0.42 vs 0.21 / 0.25).
     for name, options in (("ict", {"total_steps": 400_000}), ("ect", {"stage_steps": 25_000})):
-        model, losses = _train(name, tmp_path / name, options)
+        model, losses = train_with_trainer(name, tmp_path / name, options=options)
         assert sum(losses[-20:]) < 0.95 * sum(losses[:20])
-        x = model.generate(noise=noise, steps=1)
-        assert relative_map_error(x) < 0.4 and relative_map_error(x) < 0.5 * fm_error
-        assert mode_coverage(x, mixture) == 1.0
-        assert sliced_wasserstein(x, mixture.draw(500, torch.Generator().manual_seed(2))) < 0.5
+        x = model.generate(noise=target.noise, steps=1)
+        assert target.relative_error(x) < 0.4 and target.relative_error(x) < 0.5 * fm_error
+        assert mode_coverage(x, target.mixture) == 1.0
+        assert sliced_wasserstein(x, target.mixture.draw(500, torch.Generator().manual_seed(2))) < 0.5
 
 
 # --- errors --------------------------------------------------------------------------------------------------------

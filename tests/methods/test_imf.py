@@ -5,19 +5,20 @@ import torch
 from torch import nn
 
 import jumpflow.methods.imf  # noqa: F401  (registers "imf")
-from jumpflow import TrainConfig, data, methods, nets
+from jumpflow import TrainConfig, methods, nets
 from jumpflow.build import DataInfo, backbone_options, build_method
 from jumpflow.data.gaussian_mixture import GaussianMixture
-from jumpflow.ema import EMA
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.imf import compound_velocity, effective_guidance, guidance_inputs, guided_velocity
 from jumpflow.methods.meanflow import meanflow_target
 from tests.gaussian import ExactGaussian
+from tests.methods.toy_training import EIGHT_GAUSSIANS, OneStepMap, fit, toy_method
 
 torch.set_num_threads(1)
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
 CLASS_MEANS = torch.tensor([[1.0, -0.5], [-1.0, 0.8]], dtype=torch.float64)  # two classes, same std
+IMF_NET = {"extra_inputs": 3, "heads": 2}  # what imf needs of its backbone: the guidance inputs and the v-head
 
 
 class ExactTwoHeads(nn.Module):
@@ -161,53 +162,27 @@ def test_time_pairs_guidance_scales_and_intervals():
     assert 0 <= t_min[~same].min() and t_min[~same].max() <= 0.5 <= t_max[~same].min() and t_max.max() <= 1
 
 
-def train(name, steps=300, seed=0, **options):
-    """A small MLP trained through the method's loss with AdamW on 8 gaussians; the EMA copy samples. Also returns
-    the unweighted squared error on one fixed batch with fixed draws (times, noise, omega) before and after training:
-    iMF's adaptively weighted loss D / (D + 0.01) sits near 1 per head whatever D is, so it shows little."""
-    torch.manual_seed(seed)
-    dataset = data.load("8gaussians")
-    extra = {"extra_inputs": 3, "heads": 2} if name == "imf" else {}
-    method = methods.get(name, nets.build("mlp", (2,), width=64, depth=2, **extra), (2,), **options)
-    ema = EMA(method.net, 0.99)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    probe_batch = dataset.sample_batch(2048, torch.Generator().manual_seed(seed + 1))[0]
-
-    def probe():
-        state = torch.get_rng_state()
-        torch.manual_seed(seed + 2)
-        mse = method.loss(probe_batch, None).metrics["mse"].item()
-        torch.set_rng_state(state)
-        return mse
-
-    before = probe()
-    for step in range(steps):
-        out = method.loss(dataset.sample_batch(256, gen)[0], None)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        ema.update(method.net, step)
-    return method, ema.shadow, (before, probe())
+def probe_mse(method):
+    """The unweighted squared error on one fixed batch with fixed draws (times, noise, omega), the global RNG left as
+    it was: iMF's adaptively weighted loss D / (D + 0.01) sits near 1 per head whatever D is, so it shows little."""
+    x = EIGHT_GAUSSIANS.sample_batch(2048, torch.Generator().manual_seed(1))[0]
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    mse = method.loss(x, None).metrics["mse"].item()
+    torch.set_rng_state(state)
+    return mse
 
 
-def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not():
-    mixture = data.load("8gaussians")
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0, n_steps=200)
-
-    def error(x):  # the flow-map error of jumpflow.eval, against the precomputed exact map
-        return (x - exact).norm(dim=1).mean().item()
-
-    untrained = methods.get("imf", nets.build("mlp", (2,), width=64, depth=2, extra_inputs=3, heads=2), (2,))
-    before = error(untrained.sample(noise, 1))  # zero output layer: the identity map
-    imf, ema, (mse_before, mse_after) = train("imf")
-    flow, flow_ema, _ = train("flow_matching")
-    after = error(imf.sample(noise, 1, net=ema))
-    flow_one_step = error(flow.sample(noise, 1, net=flow_ema))
+def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not(toy_flow_matching):
+    target = OneStepMap.seeded()
+    method = toy_method("imf", net_options=IMF_NET)
+    mse_before = probe_mse(method)
+    imf = fit(method, 300)  # the EMA copy is what samples
+    mse_after = probe_mse(method)
+    one_step = target.compare("imf", imf, toy_flow_matching(300), net_options=IMF_NET)  # untrained: the identity map
     assert mse_after < 0.95 * mse_before, (mse_before, mse_after)  # most of it is the noise of eps - x
-    assert after < 0.6 * before and after < 0.5 * flow_one_step, (before, after, flow_one_step)
-    assert error(imf.sample(noise, 2, net=ema)) < 0.6 * before
+    assert one_step.after < 0.6 * one_step.before and one_step.after < 0.5 * one_step.flow, one_step
+    assert target.error(method.sample(target.noise, 2, net=imf.ema)) < 0.6 * one_step.before
 
 
 def test_unet_class_conditional_training_and_guided_sampling():

@@ -3,11 +3,11 @@ import torch
 from torch import nn
 
 import jumpflow.methods.modular_meanflow  # noqa: F401  (registers "modular_meanflow")
-from jumpflow import data, methods, nets
-from jumpflow.ema import EMA
+from jumpflow import methods, nets
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.modular_meanflow import modular_meanflow_residual
 from tests.gaussian import ExactGaussian, ExactVelocity
+from tests.methods.toy_training import OneStepMap, train_toy
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
 LAMBDAS = (0.0, 0.5, 1.0)
@@ -213,25 +213,6 @@ def test_sampling_with_the_exact_average_velocity_lands_on_the_exact_flow_map(st
     assert torch.allclose(method.sample(noise, steps), MU + STD * noise, atol=1e-6)  # Phi_{1->0}(eps) = mu + s eps
 
 
-def train(name, steps=400, seed=0, **options):
-    """A small MLP trained through the method's loss with AdamW; the EMA copy is what samples."""
-    torch.manual_seed(seed)
-    dataset = data.load("8gaussians")
-    method = methods.get(name, nets.build("mlp", (2,), width=64, depth=2), (2,), **options)
-    ema = EMA(method.net, 0.99)
-    method.use_ema(ema.shadow)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=2e-3)
-    gen, mse = torch.Generator().manual_seed(seed), []
-    for step in range(steps):
-        out = method.loss(dataset.sample_batch(256, gen)[0], None)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        ema.update(method.net, step)
-        mse.append(out.metrics["mse"].item())
-    return method, ema.shadow, mse
-
-
 def boundary_mse(net, x):
     """The r = t rows' loss, u_theta(z_t, t, t) vs eps - x (flow matching), on fixed draws: what the identity is
     anchored on. (The total MSE need not fall: the (t - r) du/dt part grows as the map learns to bend.)"""
@@ -240,30 +221,23 @@ def boundary_mse(net, x):
     return method.loss(x, None).metrics["mse"].item()
 
 
-def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not():
+def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not(toy_flow_matching):
     """Through the curriculum into lambda = 1 (T_warm = 100 of 300 steps)."""
-    mixture = data.load("8gaussians")
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0, n_steps=200)
-    x_eval = mixture.draw(2000, torch.Generator().manual_seed(2))
-
-    def error(x):  # the flow-map error of jumpflow.eval, against the precomputed exact map
-        return (x - exact).norm(dim=1).mean().item()
-
-    untrained = methods.get("modular_meanflow", nets.build("mlp", (2,), width=64, depth=2), (2,))
-    before, boundary_before = error(untrained.sample(noise, 1)), boundary_mse(untrained.net, x_eval)
-    floor = boundary_mse(ExactVelocity(mixture), x_eval)  # E Var(eps - x | z_t): no velocity does better
-    method, ema, mse = train("modular_meanflow", steps=300, modulation_warmup_steps=100)
-    flow, flow_ema, _ = train("flow_matching", steps=300)
-    after, boundary_after = error(method.sample(noise, 1, net=ema)), boundary_mse(method.net, x_eval)
-    flow_one_step = error(flow.sample(noise, 1, net=flow_ema))
+    target = OneStepMap.seeded()
+    x_eval = target.mixture.draw(2000, torch.Generator().manual_seed(2))
+    floor = boundary_mse(ExactVelocity(target.mixture), x_eval)  # E Var(eps - x | z_t): no velocity does better
+    run = train_toy("modular_meanflow", steps=300, metric="mse", modulation_warmup_steps=100)  # the EMA copy samples
+    method, mse = run.method, run.losses
+    one_step = target.compare("modular_meanflow", run, toy_flow_matching(300))
+    before, after, flow_one_step = one_step.before, one_step.after, one_step.flow
+    boundary_before, boundary_after = boundary_mse(one_step.untrained.net, x_eval), boundary_mse(method.net, x_eval)
     print(f"1-step map error: untrained {before:.3f}, modular_meanflow {after:.3f}, flow matching {flow_one_step:.3f}; "
           f"boundary mse {boundary_before:.3f} -> {boundary_after:.3f} (floor {floor:.3f}), "
           f"training mse {sum(mse[:50]) / 50:.3f} -> {sum(mse[-50:]) / 50:.3f}")
     assert int(method.training_step) == 300 and float(method.modulation()) == 1.0
     assert boundary_after - floor < 0.75 * (boundary_before - floor)  # measured 0.57
     assert after < 0.6 * before and after < 0.4 * flow_one_step
-    assert error(method.sample(noise, 2, net=ema)) < 0.6 * before
+    assert target.error(method.sample(target.noise, 2, net=run.ema)) < 0.6 * before
 
 
 def test_unet_class_conditional_loss_double_backward_and_sampling():

@@ -1,19 +1,17 @@
-import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-import jumpflow
-from jumpflow import TrainConfig, methods, nets
-from jumpflow.data.toys import eight_gaussians
+from jumpflow import methods, nets
 from jumpflow.errors import JumpflowError
 from jumpflow.eval import mode_coverage, sliced_wasserstein
 from jumpflow.methods.sct import (HALF_PI, SCT, angle_to_time, consistency_function, consistency_tangent,
                                   normalise_tangent, time_to_angle, trigflow_network, trigflow_scale,
                                   trigflow_velocity)
 from tests.gaussian import ExactGaussian
+from tests.methods.toy_training import OneStepMap, random_mlp, train_with_trainer
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
 SIGMA_D = 0.5
@@ -46,17 +44,6 @@ def marginal_trigflow_velocity(x, theta, sigma_data=SIGMA_D):
     z_t = x / trigflow_scale(theta, sigma_data)[:, None]
     t = angle_to_time(theta, sigma_data)
     return trigflow_velocity(z_t, gaussian.velocity(z_t, t), theta, sigma_data)
-
-
-def random_mlp(**options):
-    """A small float64 MLP whose zero-initialised output layer is re-drawn, so its output is a non-trivial function."""
-    torch.manual_seed(0)
-    net = nets.build("mlp", (2,), width=32, depth=2, **options).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.5)
-    return net
 
 
 # --- the identity sCT rests on -----------------------------------------------------------------------------------
@@ -253,32 +240,18 @@ def test_unet_loss_and_sampling_with_labels():
     assert method.sample(torch.randn(2, 1, 8, 8), 1).shape == (2, 1, 8, 8)  # labels=None: the null label
 
 
-def _train(method, out, options=None):
-    cfg = TrainConfig(method=method, data="8gaussians", steps=250, batch_size=256, lr=2e-3, warmup_steps=20,
-                      backbone_options={"width": 64, "depth": 2}, ema_decay=0.99, log_every=1, sample_every=0,
-                      checkpoint_every=0, progress=False, seed=0, method_options=options or {})
-    jumpflow.train(cfg, out)
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return jumpflow.load(out), losses
-
-
-def test_training_learns_a_one_step_map_far_better_than_one_step_flow_matching(tmp_path):
-    mixture = eight_gaussians()
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0)
-    spread = (exact - exact.mean(0)).pow(2).sum(1).mean().sqrt()
-
-    def relative_map_error(x):
-        return ((x - exact).norm(dim=1).mean() / spread).item()
-
-    flow, _ = _train("flow_matching", tmp_path / "fm")
-    fm_error = relative_map_error(flow.generate(noise=noise, steps=1))
+def test_training_learns_a_one_step_map_far_better_than_one_step_flow_matching(tmp_path, trainer_flow_matching):
+    target = OneStepMap.seeded(n_steps=None)  # the exact map to flow_map's default precision
+    mixture, noise = target.mixture, target.noise
+    flow, _ = trainer_flow_matching
+    fm_error = target.relative_error(flow.generate(noise=noise, steps=1))
     assert fm_error > 0.8  # 1-step flow matching: about the data mean
-    model, losses = _train("sct", tmp_path / "sct")  # warm-up: a tenth of the run; sigma_d: measured
+    model, losses = train_with_trainer("sct", tmp_path / "sct")  # warm-up: a tenth of the run; sigma_d: measured
     assert abs(model.method.sigma_d - 1.42) < 0.1  # 8 gaussians' per-coordinate std, sqrt(2 + 0.15^2)
     assert sum(losses[-20:]) < 0.8 * sum(losses[:20])  # measured 2.44 -> 1.03 (w_phi's share included)
     x = model.generate(noise=noise, steps=1)
-    assert relative_map_error(x) < 0.35 and relative_map_error(x) < 0.5 * fm_error  # measured 0.16 (fm: 0.91)
+    error = target.relative_error(x)
+    assert error < 0.35 and error < 0.5 * fm_error  # measured 0.16 (fm: 0.91)
     assert mode_coverage(x, mixture) == 1.0
     assert sliced_wasserstein(x, mixture.draw(500, torch.Generator().manual_seed(2))) < 0.5
     torch.manual_seed(0)

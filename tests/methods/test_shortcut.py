@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 import jumpflow.methods.shortcut  # noqa: F401  (registers "shortcut")
-from jumpflow import data, methods, nets
+from jumpflow import methods, nets
 from jumpflow.data.gaussian_mixture import GaussianMixture
-from jumpflow.ema import EMA
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.shortcut import shortcut_target
-from tests.gaussian import ExactGaussian
+from tests.gaussian import ExactGaussian, ExactMixtureMap, ExactVelocity, points_on_the_path
+from tests.methods.toy_training import OneStepMap, train_toy
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
 
@@ -27,49 +27,19 @@ def mixture():
     return GaussianMixture([0.5, 0.3, 0.2], [[-1.5, 0.0], [1.0, 1.0], [0.5, -1.5]], covs)
 
 
-class ExactShortcut(nn.Module):
-    """net(z, t, s) = the exact normalised jump (z - Phi_{t->s}(z)) / (t - s) of a mixture (RK4 flow map, float64);
-    the exact velocity when s == t."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, z, t, s, cond=None):
-        gap = (t - s)[:, None]
-        jump = (z - self.mixture.flow_map(z, t, s, n_steps=300)) / torch.where(gap > 0, gap, torch.ones_like(gap))
-        return torch.where(gap > 0, jump, self.mixture.velocity(z, t))
-
-
-class Velocity(nn.Module):
-    """The exact velocity, whatever the step: a shortcut that ignores d (what flow matching alone would give)."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, z, t, s, cond=None):
-        return self.mixture.velocity(z, t)
-
-
-def points_on_the_path(mixture, t, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = mixture.draw(t.shape[0], gen).double()
-    return (1 - t[:, None]) * x + t[:, None] * torch.randn(t.shape[0], 2, generator=gen, dtype=torch.float64)
-
-
 def test_two_exact_half_steps_are_one_exact_full_step(mixture):
     """The bootstrap target has the exact shortcut of a Gaussian mixture as a fixed point (METHODS.md A5 Test), at
     every level d = 1 .. 1/64 on the grid-aligned times the method trains on, including the 1-step jump t = 1, d = 1."""
-    method = methods.get("shortcut", ExactShortcut(mixture), (2,))
+    exact = ExactMixtureMap(mixture, n_steps=300)  # the exact normalised jump (z - Phi_{t->s}(z)) / (t - s)
+    method = methods.get("shortcut", exact, (2,))
     torch.manual_seed(0)
     t, d = method.bootstrap_times(28, "cpu", torch.float64)  # 4 rows per level; level 0 is t = 1, d = 1
     z = points_on_the_path(mixture, t)
-    exact = ExactShortcut(mixture)
     target = shortcut_target(exact, z, t, d, None, clip=0.0)
     assert torch.allclose(target, exact(z, t, t - d), atol=1e-6)
-    # A step-blind shortcut (the exact velocity at every d) is not a fixed point at large d.
-    blind = shortcut_target(Velocity(mixture), z, t, d, None, clip=0.0)
+    # A step-blind shortcut (the exact velocity at every d: what flow matching alone would give) is not a fixed point
+    # at large d.
+    blind = shortcut_target(ExactVelocity(mixture), z, t, d, None, clip=0.0)
     coarse = d >= 0.5
     assert (blind - mixture.velocity(z, t))[coarse].norm(dim=1).mean() > 0.2
 
@@ -141,42 +111,13 @@ def test_sampling_with_the_exact_shortcut_lands_on_the_exact_flow_map(steps):
     assert method.nfe(steps) == steps
 
 
-def train(name, steps=400, seed=0):
-    """A small MLP trained through the method's loss with AdamW and an EMA student (bootstrap teacher)."""
-    torch.manual_seed(seed)
-    dataset = data.load("8gaussians")
-    method = methods.get(name, nets.build("mlp", (2,), width=64, depth=2), (2,))
-    ema = EMA(method.net, 0.99)
-    method.use_ema(ema.shadow)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=2e-3)
-    gen, losses = torch.Generator().manual_seed(seed), []
-    for step in range(steps):
-        out = method.loss(dataset.sample_batch(256, gen)[0], None)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        ema.update(method.net, step)
-        losses.append(out.metrics.get("mse_flow", out.loss).item())
-    return method, ema.shadow, losses
-
-
-def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not():
-    mixture = data.load("8gaussians")
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0, n_steps=200)  # computed once (differs from 1000 steps by < 1e-6)
-
-    def error(x):  # the flow-map error of jumpflow.eval, against the precomputed exact map
-        return (x - exact).norm(dim=1).mean().item()
-
-    untrained = methods.get("shortcut", nets.build("mlp", (2,), width=64, depth=2), (2,))
-    before = error(untrained.sample(noise, 1))  # zero output layer: the identity map, 0.86
-    shortcut, ema, losses = train("shortcut")
-    flow, flow_ema, _ = train("flow_matching")
-    after = error(shortcut.sample(noise, 1, net=ema))
-    flow_one_step = error(flow.sample(noise, 1, net=flow_ema))  # collapses toward the data mean, 1.85
-    assert sum(losses[-50:]) < 0.9 * sum(losses[:50])  # the flow-matching part of the loss went down
-    assert after < 0.6 * before and after < 0.35 * flow_one_step, (before, after, flow_one_step)
-    assert error(shortcut.sample(noise, 4, net=ema)) < 0.6 * before
+def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not(toy_flow_matching):
+    target = OneStepMap.seeded()
+    shortcut = train_toy("shortcut", metric="mse_flow")  # with an EMA student (bootstrap teacher)
+    one_step = target.compare("shortcut", shortcut, toy_flow_matching(400))  # untrained: 0.86, flow matching: 1.85
+    assert sum(shortcut.losses[-50:]) < 0.9 * sum(shortcut.losses[:50])  # the flow-matching part of the loss went down
+    assert one_step.after < 0.6 * one_step.before and one_step.after < 0.35 * one_step.flow, one_step
+    assert target.error(shortcut.method.sample(target.noise, 4, net=shortcut.ema)) < 0.6 * one_step.before
 
 
 def test_unet_class_conditional_loss_and_sampling():

@@ -3,28 +3,12 @@ import torch
 from torch import nn
 
 import jumpflow.methods.soflow  # noqa: F401  (registers "soflow")
-from jumpflow import data, methods, nets
+from jumpflow import methods, nets
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.soflow import consistency_residual
-from tests.gaussian import ExactGaussian
-
-MIXTURE = data.load("8gaussians")  # 8 isotropic Gaussians (std 0.15) on a circle of radius 2
-
-
-class ExactSolution(nn.Module):
-    """net(z, t, s) = F with f(z, t, s) = z + (s - t) F the exact mixture flow map (RK4); F(z, t, t) = v(z, t)."""
-
-    def __init__(self, mixture, wobble: float = 0.0, n_steps: int = 200):
-        super().__init__()
-        self.mixture, self.wobble, self.n_steps = mixture, wobble, n_steps
-
-    def forward(self, z, t, s, cond=None):
-        t, s = t.expand(z.shape[0]).double(), s.expand(z.shape[0]).double()
-        gap = (t - s)[:, None]
-        jump = (z - self.mixture.flow_map(z, t, s, n_steps=self.n_steps)) / gap.clamp(min=1e-12)
-        F = torch.where(gap > 0, jump, self.mixture.velocity(z, t))
-        # A perturbation that keeps f(z, t, t) = z and F(z, t, t) = v but bends the map for s < t.
-        return F + self.wobble * gap * torch.sin(3 * z)
+from tests.gaussian import ExactGaussian, ExactMixtureMap, PerturbedVelocity
+from tests.methods.toy_training import EIGHT_GAUSSIANS as MIXTURE
+from tests.methods.toy_training import OneStepMap, train_toy
 
 
 def flow_map_of(net):
@@ -50,7 +34,9 @@ def test_the_exact_mixture_solution_is_a_fixed_point_of_the_consistency_target()
     x, eps, t, s = mixture_points(128)
     z = (1 - t[:, None]) * x + t[:, None] * eps
     v = MIXTURE.velocity(z, t)  # exact marginal velocity
-    exact, bent = flow_map_of(ExactSolution(MIXTURE)), flow_map_of(ExactSolution(MIXTURE, wobble=0.5))
+    # F with f(z, t, s) = z + (s - t) F the exact mixture flow map, and a bent one that keeps f(z, t, t) = z and
+    # F(z, t, t) = v.
+    exact, bent = flow_map_of(ExactMixtureMap(MIXTURE)), flow_map_of(ExactMixtureMap(MIXTURE, wobble=0.5))
     sizes = {}
     for rho in (0.02, 0.01):
         l = t + (s - t) * rho
@@ -65,21 +51,12 @@ def test_the_exact_mixture_solution_is_a_fixed_point_of_the_consistency_target()
 
 def test_the_exact_velocity_minimises_the_flow_matching_part():
     """L_FM(v + D) - L_FM(v) = E|D|^2 / dim: the cross term E<v - v_c, D> vanishes because E[eps - x | z_t] = v."""
-    perturbation = 0.3
-
-    class Velocity(nn.Module):
-        def __init__(self, shift):
-            super().__init__()
-            self.shift = shift
-
-        def forward(self, z, t, s, cond=None):
-            return MIXTURE.velocity(z, t).to(z.dtype) + self.shift * torch.cos(z)
-
-    n = 100000
+    perturbation, n = 0.3, 100000
     x = MIXTURE.draw(n, torch.Generator().manual_seed(0)).double()
     losses = {}
     for shift in (0.0, perturbation):
-        method = methods.get("soflow", Velocity(shift), (2,), flow_matching_share=1.0, adaptive_power=0.0)
+        net = PerturbedVelocity(MIXTURE, shift)
+        method = methods.get("soflow", net, (2,), flow_matching_share=1.0, adaptive_power=0.0)
         torch.manual_seed(1)
         losses[shift] = method.loss(x, None).loss.item()
     torch.manual_seed(1)  # replay the loss's draws: noise, then the FM times t ~ LN(-0.2, 1)
@@ -141,42 +118,19 @@ def _fm_error(net, x, eps, t):
         return (net(z, t, t) - (eps - x)).pow(2).mean().item()
 
 
-def _train(name, steps=300, seed=0, **options):
-    torch.manual_seed(seed)
-    net = nets.build("mlp", (2,), width=64, depth=2)
-    method = methods.get(name, net, (2,), **options)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        method.loss(MIXTURE.draw(256, g), None).loss.backward()
-        optimizer.step()
-    return method
-
-
-def relative_map_error(samples, exact):
-    """Mean |sample - exact flow map of its noise| / spread of the exact targets (1.0 ~ answering the mean)."""
-    spread = (exact - exact.mean(0)).pow(2).sum(1).mean().sqrt()
-    return ((samples - exact).norm(dim=1).mean() / spread).item()
-
-
 def test_short_training_learns_a_one_step_map_that_flow_matching_does_not():
     g = torch.Generator().manual_seed(7)
-    noise = torch.randn(500, 2, generator=g)
-    exact = MIXTURE.flow_map(noise, 1.0, 0.0, n_steps=100)  # Phi_{1->0}(noise), computed once
+    target = OneStepMap(torch.randn(500, 2, generator=g), n_steps=100)  # Phi_{1->0}(noise), computed once
     x, eps = MIXTURE.draw(4000, g), torch.randn(4000, 2, generator=g)
     t = torch.rand(4000, generator=g)
-    untrained = methods.get("soflow", nets.build("mlp", (2,), width=64, depth=2), (2,))
-    soflow = _train("soflow")
-    flow = _train("flow_matching")
-    before = relative_map_error(untrained.sample(noise, 1), exact)
-    after = relative_map_error(soflow.sample(noise, 1), exact)
-    fm_one_step = relative_map_error(flow.sample(noise, 1), exact)
+    soflow = train_toy("soflow", 300, lr=3e-3, ema_decay=None)  # no EMA: the trained net samples
+    flow = train_toy("flow_matching", 300, lr=3e-3, ema_decay=None)
+    untrained, before, after, fm_one_step = target.compare("soflow", soflow, flow, relative=True)
     print(f"relative 1-step map error: untrained {before:.3f}, soflow {after:.3f}, flow matching {fm_one_step:.3f}")
-    assert _fm_error(soflow.net, x, eps, t) < _fm_error(untrained.net, x, eps, t) - 0.2  # the loss went down
+    assert _fm_error(soflow.method.net, x, eps, t) < _fm_error(untrained.net, x, eps, t) - 0.2  # the loss went down
     assert after < 0.7 * before
     assert after < 0.75 * fm_one_step
-    assert soflow.sample(noise, 2).isfinite().all()
+    assert soflow.method.sample(target.noise, 2).isfinite().all()
 
 
 def test_unet_with_labels_trains_and_samples():

@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 import jumpflow.methods.split_meanflow  # noqa: F401  (registers "split_meanflow")
-from jumpflow import data, methods, nets
+from jumpflow import methods, nets
 from jumpflow.data.gaussian_mixture import GaussianMixture
-from jumpflow.ema import EMA
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.split_meanflow import split_meanflow_target
-from tests.gaussian import ExactGaussian
+from tests.gaussian import ExactGaussian, ExactMixtureMap, points_on_the_path
+from tests.methods.toy_training import OneStepMap, train_toy
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
 
@@ -20,20 +20,6 @@ def mixture():
     return GaussianMixture([0.6, 0.4], [[-1.5, 0.5], [1.0, -1.0]], covs)
 
 
-class ExactAverageVelocity(nn.Module):
-    """net(z, t, r) = u(z, r, t) = (z - Phi_{t->r}(z)) / (t - r) from the mixture's RK4 flow map (float64); the exact
-    velocity when r == t."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, z, t, r, cond=None):
-        gap = (t - r)[:, None]
-        average = (z - self.mixture.flow_map(z, t, r, n_steps=300)) / torch.where(gap > 0, gap, torch.ones_like(gap))
-        return torch.where(gap > 0, average, self.mixture.velocity(z, t))
-
-
 def triples(n, seed=0):
     """r < s < t with gaps >= 0.05, away from the stiff data end."""
     gen = torch.Generator().manual_seed(seed)
@@ -43,15 +29,9 @@ def triples(n, seed=0):
     return t, r, lam
 
 
-def points_on_the_path(mixture, t, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = mixture.draw(t.shape[0], gen).double()
-    return (1 - t[:, None]) * x + t[:, None] * torch.randn(t.shape[0], 2, generator=gen, dtype=torch.float64)
-
-
 def test_interval_splitting_identity_holds_for_the_exact_average_velocity(mixture):
     """METHODS.md §1.3.3: (t - r) u(z_t, r, t) = (t - s) u(z_t, s, t) + (s - r) u(z_s, r, s), z_s = z_t - (t - s) u."""
-    u = ExactAverageVelocity(mixture)
+    u = ExactMixtureMap(mixture, n_steps=300)  # u(z, r, t) = (z - Phi_{t->r}(z)) / (t - r); v(z, t) when r == t
     t, r, lam = triples(32)
     s = (1 - lam) * t + lam * r
     z = points_on_the_path(mixture, t)
@@ -68,7 +48,7 @@ def test_interval_splitting_identity_holds_for_the_exact_average_velocity(mixtur
 
 def test_the_exact_average_velocity_is_a_fixed_point_of_the_target(mixture):
     """The target operator maps the exact u to itself; a wrong u (the instantaneous velocity) is moved."""
-    exact = ExactAverageVelocity(mixture)
+    exact = ExactMixtureMap(mixture, n_steps=300)
     t, r, lam = triples(32, seed=1)
     z = points_on_the_path(mixture, t, seed=1)
     target = split_meanflow_target(exact, z, t, r, lam)
@@ -119,42 +99,13 @@ def test_sampling_with_the_exact_average_velocity_lands_on_the_exact_flow_map(st
     assert torch.allclose(method.sample(noise, steps), MU + STD * noise, atol=1e-6)  # Phi_{1->0}(eps) = mu + s eps
 
 
-def train(name, steps=400, seed=0, **options):
-    """A small MLP trained through the method's loss with AdamW; the EMA copy is what samples."""
-    torch.manual_seed(seed)
-    dataset = data.load("8gaussians")
-    method = methods.get(name, nets.build("mlp", (2,), width=64, depth=2), (2,), **options)
-    ema = EMA(method.net, 0.99)
-    method.use_ema(ema.shadow)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=2e-3)
-    gen, losses = torch.Generator().manual_seed(seed), []
-    for step in range(steps):
-        out = method.loss(dataset.sample_batch(256, gen)[0], None)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        ema.update(method.net, step)
-        losses.append(out.loss.item())
-    return method, ema.shadow, losses
-
-
-def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not():
-    mixture = data.load("8gaussians")
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0, n_steps=200)  # computed once (differs from 1000 steps by < 1e-6)
-
-    def error(x):  # the flow-map error of jumpflow.eval, against the precomputed exact map
-        return (x - exact).norm(dim=1).mean().item()
-
-    untrained = methods.get("split_meanflow", nets.build("mlp", (2,), width=64, depth=2), (2,))
-    before = error(untrained.sample(noise, 1))  # zero output layer: the identity map, 0.86
-    split, ema, losses = train("split_meanflow")
-    flow, flow_ema, _ = train("flow_matching")
-    after = error(split.sample(noise, 1, net=ema))
-    flow_one_step = error(flow.sample(noise, 1, net=flow_ema))  # collapses toward the data mean, 1.85
-    assert sum(losses[-50:]) < 0.9 * sum(losses[:50])
-    assert after < 0.6 * before and after < 0.35 * flow_one_step, (before, after, flow_one_step)
-    assert error(split.sample(noise, 2, net=ema)) < 0.6 * before
+def test_training_learns_a_one_step_map_that_flow_matching_at_one_step_does_not(toy_flow_matching):
+    target = OneStepMap.seeded()
+    split = train_toy("split_meanflow")  # the EMA copy is what samples
+    one_step = target.compare("split_meanflow", split, toy_flow_matching(400))  # untrained: 0.86, flow matching: 1.85
+    assert sum(split.losses[-50:]) < 0.9 * sum(split.losses[:50])
+    assert one_step.after < 0.6 * one_step.before and one_step.after < 0.35 * one_step.flow, one_step
+    assert target.error(split.method.sample(target.noise, 2, net=split.ema)) < 0.6 * one_step.before
 
 
 def test_unet_class_conditional_loss_and_sampling():

@@ -1,29 +1,17 @@
 """Short real trainings: a one-step method must actually learn a one-step map, not just lower its loss."""
 
-import json
-
 import torch
 
-import jumpflow
-from jumpflow import TrainConfig
 from jumpflow.data.toys import gmm1d
 from jumpflow.eval import flow_map_error
-
-
-def train(method, out, steps=200):
-    cfg = TrainConfig(method=method, data="gmm1d", steps=steps, batch_size=256, lr=2e-3, warmup_steps=20,
-                      backbone_options={"width": 64, "depth": 2}, ema_decay=0.99, log_every=20,
-                      sample_every=0, checkpoint_every=0, progress=False, seed=0)
-    jumpflow.train(cfg, out)
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return jumpflow.load(out), losses
+from tests.methods.toy_training import train_with_trainer
 
 
 def test_meanflow_learns_the_one_step_map_of_a_two_mode_mixture(tmp_path):
     mixture = gmm1d()
     noise = torch.randn(1000, 1, generator=torch.Generator().manual_seed(1))
-    meanflow, losses = train("meanflow", tmp_path / "mf")
-    flow, _ = train("flow_matching", tmp_path / "fm")
+    meanflow, losses = train_with_trainer("meanflow", tmp_path / "mf", data="gmm1d", steps=200, log_every=20)
+    flow, _ = train_with_trainer("flow_matching", tmp_path / "fm", data="gmm1d", steps=200, log_every=20)
     assert sum(losses[-5:]) < sum(losses[:5])
     mf_error = flow_map_error(meanflow.generate(noise=noise, steps=1), noise, mixture, relative=True)
     fm_error = flow_map_error(flow.generate(noise=noise, steps=1), noise, mixture, relative=True)

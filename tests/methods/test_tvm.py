@@ -3,29 +3,14 @@ import torch
 from torch import nn
 
 import jumpflow.methods.tvm  # noqa: F401  (registers "tvm")
-from jumpflow import data, methods, nets
+from jumpflow import methods, nets
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.tvm import terminal_velocity
-from tests.gaussian import ExactGaussian
+from tests.gaussian import ExactGaussian, ExactMixtureMap, PerturbedVelocity
+from tests.methods.toy_training import EIGHT_GAUSSIANS as MIXTURE
+from tests.methods.toy_training import OneStepMap, fit, toy_method
 
-MIXTURE = data.load("8gaussians")  # 8 isotropic Gaussians (std 0.15) on a circle of radius 2
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
-
-
-class ExactMap(nn.Module):
-    """net(z, t, s) = F with f(z, t, s) = z + (s - t) F the exact mixture flow map (RK4); F(z, t, t) = v(z, t).
-    `wobble` bends the map for s < t but keeps f(z, t, t) = z and F(z, t, t) = v."""
-
-    def __init__(self, mixture, wobble: float = 0.0, n_steps: int = 200):
-        super().__init__()
-        self.mixture, self.wobble, self.n_steps = mixture, wobble, n_steps
-
-    def forward(self, z, t, s, cond=None):
-        t, s = t.expand(z.shape[0]).double(), s.expand(z.shape[0]).double()
-        gap = (t - s)[:, None]
-        jump = (z - self.mixture.flow_map(z, t, s.clamp(max=t), n_steps=self.n_steps)) / gap.clamp(min=1e-12)
-        F = torch.where(gap > 0, jump, self.mixture.velocity(z, t))
-        return F + self.wobble * gap * torch.sin(3 * z)
 
 
 def mixture_points(n, seed=0):
@@ -56,7 +41,7 @@ def test_terminal_derivative_of_the_parameterised_map_matches_the_landing_veloci
     map; a bent map is off by O(wobble)."""
     z, t, s = mixture_points(64, seed=1)
     for wobble, exact in ((0.0, True), (0.5, False)):
-        net = ExactMap(MIXTURE, wobble)
+        net = ExactMixtureMap(MIXTURE, wobble=wobble)
         f, df_ds = terminal_velocity(lambda z_, t_, s_: net(z_, t_, s_), z, t, s, jvp_mode="finite_difference")
         residual = (df_ds - MIXTURE.velocity(f, s)).abs().mean().item()
         assert (residual < 1e-4) if exact else (residual > 0.1)
@@ -78,7 +63,7 @@ def test_terminal_loss_is_zero_for_the_exact_mixture_map_and_not_for_a_bent_one(
     x = MIXTURE.draw(64, torch.Generator().manual_seed(2)).double()
     terminal = {}
     for wobble in (0.0, 0.5):
-        method = methods.get("tvm", ExactMap(MIXTURE, wobble), (2,), jvp_mode="finite_difference")
+        method = methods.get("tvm", ExactMixtureMap(MIXTURE, wobble=wobble), (2,), jvp_mode="finite_difference")
         torch.manual_seed(3)
         terminal[wobble] = method.loss(x, None).metrics["terminal"].item()
     assert terminal[0.0] < 1e-7  # squared velocity-scale residual; |v| ~ 2
@@ -98,19 +83,11 @@ def test_point_mass_data_gives_zero_loss_for_the_exact_map():
 def test_the_exact_velocity_minimises_the_flow_matching_part():
     """FM(v + D) - FM(v) = E|D|^2 / dim at the FM times s': the cross term vanishes since E[eps - x | z_s'] = v."""
     perturbation, n = 0.3, 40000
-
-    class Velocity(nn.Module):
-        def __init__(self, shift):
-            super().__init__()
-            self.shift = shift
-
-        def forward(self, z, t, s, cond=None):
-            return MIXTURE.velocity(z, t).to(z.dtype) + self.shift * torch.cos(z)
-
     x = MIXTURE.draw(n, torch.Generator().manual_seed(0)).double()
     fm = {}
     for shift in (0.0, perturbation):
-        method = methods.get("tvm", Velocity(shift), (2,), jvp_mode="finite_difference", target_ema=0.0)
+        net = PerturbedVelocity(MIXTURE, shift)
+        method = methods.get("tvm", net, (2,), jvp_mode="finite_difference", target_ema=0.0)
         torch.manual_seed(1)
         fm[shift] = method.loss(x, None).metrics["fm"].item()
     torch.manual_seed(1)  # replay the loss's draws: noise, then the times
@@ -232,39 +209,26 @@ def _fixed_loss(method, batches):
 
 def test_short_training_learns_a_one_step_map_that_flow_matching_does_not():
     g = torch.Generator().manual_seed(7)
-    noise = torch.randn(500, 2, generator=g)
-    exact = MIXTURE.flow_map(noise, 1.0, 0.0, n_steps=100)  # Phi_{1->0}(noise), computed once
+    target = OneStepMap(torch.randn(500, 2, generator=g), n_steps=100)  # Phi_{1->0}(noise), computed once
     batches = [MIXTURE.draw(256, g) for _ in range(4)]
 
-    def train(name, steps):
-        torch.manual_seed(0)
-        net = nets.build("mlp", (2,), width=64, depth=2)
-        method = methods.get(name, net, (2,))
+    def train(name):
+        """150 steps without EMA; the loss on fixed batches before, and after in eval mode (its target net held)."""
+        method = toy_method(name)
         before = _fixed_loss(method, batches)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
-        data_gen = torch.Generator().manual_seed(0)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            method.loss(MIXTURE.draw(256, data_gen), None).loss.backward()
-            optimizer.step()
+        run = fit(method, 150, lr=3e-3, ema_decay=None)
         method.eval()
-        return method, before, _fixed_loss(method, batches)
+        return run, before, _fixed_loss(method, batches)
 
-    def map_error(method):
-        samples = method.sample(noise, 1)
-        spread = (exact - exact.mean(0)).pow(2).sum(1).mean().sqrt()
-        return ((samples - exact).norm(dim=1).mean() / spread).item()
-
-    untrained = methods.get("tvm", nets.build("mlp", (2,), width=64, depth=2), (2,))
-    tvm, loss_before, loss_after = train("tvm", 150)
-    flow, _, _ = train("flow_matching", 150)
-    before, after, fm_one_step = map_error(untrained), map_error(tvm), map_error(flow)
+    tvm, loss_before, loss_after = train("tvm")
+    flow, _, _ = train("flow_matching")
+    _, before, after, fm_one_step = target.compare("tvm", tvm, flow, relative=True)
     print(f"relative 1-step map error: untrained {before:.3f}, tvm {after:.3f}, flow matching {fm_one_step:.3f}; "
           f"loss {loss_before:.3f} -> {loss_after:.3f}")
     assert loss_after < loss_before - 0.2
     assert after < 0.7 * before
     assert after < 0.75 * fm_one_step
-    assert tvm.sample(noise, 2).isfinite().all()
+    assert tvm.method.sample(target.noise, 2).isfinite().all()
 
 
 @pytest.mark.parametrize("options, match", [

@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 import jumpflow.methods.twinflow  # noqa: F401  (registers "twinflow")
-from jumpflow import data, methods, nets
-from jumpflow.ema import EMA
+from jumpflow import methods, nets
 from jumpflow.errors import JumpflowError
 from jumpflow.eval import sliced_wasserstein
 from jumpflow.methods.twinflow import rcgm_residual, rectify_loss, self_adversarial_delta
 from tests.gaussian import ExactGaussian
+from tests.methods.toy_training import EIGHT_GAUSSIANS, OneStepMap, toy_net, train_toy
 
 MU, STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.4
 
@@ -150,53 +150,34 @@ def test_sampling_with_the_exact_average_velocity_lands_on_the_exact_flow_map(st
     assert torch.allclose(method.sample(noise, steps), MU + STD * noise, atol=1e-6)  # Phi_{1->0}(eps) = mu + s eps
 
 
-def train(name, steps=400, seed=0):
-    torch.manual_seed(seed)
-    dataset = data.load("8gaussians")
-    method = methods.get(name, nets.build("mlp", (2,), width=64, depth=2), (2,))
-    ema = EMA(method.net, 0.99)
-    method.use_ema(ema.shadow)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=2e-3)
-    gen, losses = torch.Generator().manual_seed(seed), []
-    for step in range(steps):
-        out = method.loss(dataset.sample_batch(256, gen)[0], None)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        ema.update(method.net, step)
-        losses.append(out.loss.item())
-    return method, ema.shadow, losses
-
-
 def velocity_error(net):
     """E |F(z_t, t, t) - (eps - x)|^2 of the real (positive-time) branch on a fixed 8-gaussians batch."""
     gen = torch.Generator().manual_seed(3)
-    x = data.load("8gaussians").sample_batch(2048, gen)[0]
+    x = EIGHT_GAUSSIANS.sample_batch(2048, gen)[0]
     eps, t = torch.randn(2048, 2, generator=gen), torch.rand(2048, generator=gen)
     with torch.no_grad():
         return (net((1 - t[:, None]) * x + t[:, None] * eps, t, t) - (eps - x)).pow(2).sum(1).mean().item()
 
 
-def test_training_learns_a_one_step_generator_that_flow_matching_at_one_step_does_not():
-    mixture = data.load("8gaussians")
-    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
-    exact = mixture.flow_map(noise, 1.0, 0.0, n_steps=200)
-    reference = mixture.reference(1000, torch.Generator().manual_seed(2))
+def test_training_learns_a_one_step_generator_that_flow_matching_at_one_step_does_not(toy_flow_matching):
+    target = OneStepMap.seeded()
+    reference = target.mixture.reference(1000, torch.Generator().manual_seed(2))
 
     def scores(x):  # (flow-map error, sliced Wasserstein to fresh data)
-        return (x - exact).norm(dim=1).mean().item(), sliced_wasserstein(x, reference)
+        return target.error(x), sliced_wasserstein(x, reference)
 
-    untrained = methods.get("twinflow", nets.build("mlp", (2,), width=64, depth=2), (2,))
-    before = scores(untrained.sample(noise, 1))  # zero output layer: the identity map
-    twin, ema, losses = train("twinflow")
-    flow, flow_ema, _ = train("flow_matching")
-    after, two_steps = scores(twin.sample(noise, 1, net=ema)), scores(twin.sample(noise, 2, net=ema))
-    flow_one_step = scores(flow.sample(noise, 1, net=flow_ema))  # collapses toward the data mean
+    untrained = methods.get("twinflow", toy_net(), (2,))
+    before = scores(untrained.sample(target.noise, 1))  # zero output layer: the identity map
+    twin = train_toy("twinflow")
+    flow = toy_flow_matching(400)
+    after = scores(twin.method.sample(target.noise, 1, net=twin.ema))
+    two_steps = scores(twin.method.sample(target.noise, 2, net=twin.ema))
+    flow_one_step = scores(flow.method.sample(target.noise, 1, net=flow.ema))  # collapses toward the data mean
     # The objective regresses on clipped residuals relative to the net's own output (|r| <= 1 per coordinate), so
     # it stays near its starting value (measured 1.96 -> 1.91 over 50-step means); the real branch's unclipped
     # flow-matching error shows the learning (measured 6.0 -> 4.1).
-    assert sum(losses[-50:]) < sum(losses[:50])
-    assert velocity_error(ema) < 0.8 * velocity_error(untrained.net)
+    assert sum(twin.losses[-50:]) < sum(twin.losses[:50])
+    assert velocity_error(twin.ema) < 0.8 * velocity_error(untrained.net)
     assert after[0] < 0.6 * before[0] and after[0] < 0.35 * flow_one_step[0], (before, after, flow_one_step)
     assert after[1] < 0.6 * before[1] and after[1] < 0.35 * flow_one_step[1], (before, after, flow_one_step)
     assert two_steps[0] < 0.6 * before[0] and two_steps[1] < 0.6 * before[1], two_steps
