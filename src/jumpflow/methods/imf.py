@@ -50,6 +50,7 @@ from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_deri
 from ..paths import conditional_velocity, expand_time, interpolate, sample_times, time_grid
 from . import register
 from .base import LossOutput, Method
+from .meanflow import adaptive_weighted
 
 EXTRA_INPUTS = 3  # (1 - 1/omega, t_min, t_max)
 HEADS = 2  # (u, v)
@@ -91,11 +92,6 @@ def compound_velocity(two_heads: Callable[[Tensor, Tensor, Tensor], Tensor], z: 
     u, v = out.chunk(HEADS, dim=1)
     du_dt = d_out.chunk(HEADS, dim=1)[0]
     return u + expand_time(t - r, z) * du_dt.detach(), v
-
-
-def adaptive_weighted(delta: Tensor, power: float, eps: float) -> Tensor:
-    """aw(D) = D / sg(D + eps)^p on per-sample sums of squares (MeanFlow's adaptive loss weight)."""
-    return delta / (delta.detach() + eps).pow(power)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_deri
 from ..paths import expand_time
 from . import register
 from .base import LossOutput
-from .meanflow import MeanFlow, MeanFlowConfig
+from .meanflow import MeanFlow, MeanFlowConfig, adaptive_weighted
 
 
 def gradient_modulation(z: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -140,8 +140,7 @@ class ModularMeanFlow(MeanFlow):
         # L_lambda: || u_theta + (t - r) SG_lambda[du/dt] - v ||^2 with MeanFlow's adaptive weight 1 / sg(D + eps)^p
         _, residual = modular_meanflow_residual(average_velocity, z, t, r, v, lam, cfg.jvp_mode)
         delta = residual.pow(2).flatten(1).sum(1)  # per-sample squared error, summed (MeanFlow's convention)
-        weight = 1.0 / (delta.detach() + cfg.adaptive_eps).pow(cfg.adaptive_power)  # adaptive loss weight
-        loss = (weight * delta).mean()
+        loss = adaptive_weighted(delta, cfg.adaptive_power, cfg.adaptive_eps).mean()
         if self.training:
             self.training_step += 1
         lam_metric = lam.detach() if isinstance(lam, Tensor) else x.new_zeros(())

@@ -30,7 +30,7 @@ from ..errors import JumpflowError
 from ..paths import expand_time
 from . import register
 from .base import LossOutput
-from .meanflow import MeanFlow
+from .meanflow import MeanFlow, adaptive_weighted
 
 
 @torch.no_grad()
@@ -112,8 +112,7 @@ class SplitMeanFlow(MeanFlow):
 
         u = self.net(z, t, r, labels).to(target.dtype)  # float32 under bf16 autocast
         delta = (u - target).pow(2).flatten(1).sum(1)  # per-sample squared error, summed (MeanFlow's convention)
-        weight = 1.0 / (delta.detach() + cfg.adaptive_eps).pow(cfg.adaptive_power)  # adaptive loss weight
-        loss = (weight * delta).mean()
+        loss = adaptive_weighted(delta, cfg.adaptive_power, cfg.adaptive_eps).mean()
         per_coordinate = delta.detach() / x[0].numel()
         metrics = {"mse": per_coordinate.mean(),
                    "mse_split": (per_coordinate * split).sum() / split.sum().clamp(min=1),
