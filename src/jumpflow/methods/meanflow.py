@@ -44,6 +44,16 @@ def adaptive_weighted(delta: Tensor, power: float, eps: float) -> Tensor:
     return delta / (delta.detach() + eps).pow(power)
 
 
+def check_meanflow_config(cfg) -> None:
+    """The checks every MeanFlow-family config shares: shares in [0, 1] and a valid adaptive weight."""
+    for name in ("flow_matching_share", "class_dropout"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise JumpflowError(f"{name} must lie in [0, 1], got {getattr(cfg, name)!r}")
+    if not cfg.adaptive_power >= 0 or not cfg.adaptive_eps > 0:
+        raise JumpflowError(f"adaptive_power must be >= 0 and adaptive_eps > 0, got {cfg.adaptive_power!r} "
+                            f"and {cfg.adaptive_eps!r}")
+
+
 @dataclass
 class MeanFlowConfig:
     time_sampler: str = "logit_normal"  # or "uniform"
@@ -60,6 +70,9 @@ class MeanFlowConfig:
     adaptive_eps: float = 0.01  # eps in the adaptive weight (relative to the per-sample *sum* of squares)
     class_dropout: float = 0.1
     jvp_mode: str = "exact"  # "exact" (torch.func.jvp) or "finite_difference"
+
+    def __post_init__(self):
+        check_meanflow_config(self)
 
 
 @register

@@ -39,7 +39,7 @@ from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_deri
 from ..paths import expand_time
 from . import register
 from .base import LossOutput
-from .meanflow import MeanFlow, MeanFlowConfig, adaptive_weighted
+from .meanflow import MeanFlow, MeanFlowConfig, adaptive_weighted, check_meanflow_config
 
 
 def gradient_modulation(z: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -91,12 +91,7 @@ class ModularMeanFlowConfig(MeanFlowConfig):
         if self.jvp_mode != "exact" and self.modulation > 0:
             raise JumpflowError("jvp_mode='finite_difference' gives du/dt without a gradient, so modulation > 0 "
                                 "would be silently ignored: use jvp_mode='exact' or modulation=0 (MeanFlow)")
-        for name in ("flow_matching_share", "class_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise JumpflowError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        if not self.adaptive_power >= 0 or not self.adaptive_eps > 0:
-            raise JumpflowError(f"adaptive_power must be >= 0 and adaptive_eps > 0, got {self.adaptive_power!r} "
-                                f"and {self.adaptive_eps!r}")
+        check_meanflow_config(self)
 
 
 @register

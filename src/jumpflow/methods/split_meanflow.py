@@ -30,7 +30,7 @@ from ..errors import JumpflowError
 from ..paths import expand_time
 from . import register
 from .base import LossOutput
-from .meanflow import MeanFlow, adaptive_weighted
+from .meanflow import MeanFlow, adaptive_weighted, check_meanflow_config
 
 
 @torch.no_grad()
@@ -74,14 +74,9 @@ class SplitMeanFlowConfig:
     class_dropout: float = 0.1  # labels replaced by the null label, for classifier-free guidance
 
     def __post_init__(self):
-        for name in ("flow_matching_share", "class_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise JumpflowError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        check_meanflow_config(self)
         if not 0 <= self.min_gap < 1:
             raise JumpflowError(f"min_gap must lie in [0, 1), got {self.min_gap!r}")
-        if not self.adaptive_power >= 0 or not self.adaptive_eps > 0:
-            raise JumpflowError(f"adaptive_power must be >= 0 and adaptive_eps > 0, got {self.adaptive_power!r} "
-                                f"and {self.adaptive_eps!r}")
 
 
 @register
