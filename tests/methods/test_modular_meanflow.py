@@ -111,6 +111,23 @@ def test_exact_u_is_stationary_at_lambda_zero_and_biased_by_the_velocity_noise_a
 
 
 # --- gradients -------------------------------------------------------------------------------------------------------
+def test_the_model_tangent_keeps_the_exact_u_stationary_for_every_lambda():
+    """jvp_tangent="model" takes du/dt along sg(u_theta(z_t, t, t)), a function of z_t alone: the derivative of du/dt
+    with respect to theta is then fixed given z_t and the residual's zero conditional mean cancels the whole gradient
+    at the exact u, for every lambda. The same draws as the test above, whose lambda = 1 gradient is far from 0."""
+    n = 100_000
+    x = MU + STD * torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = {}
+    for tangent in ("conditional", "model"):
+        net = PerturbedGaussian()
+        method = methods.get("modular_meanflow", net, (2,), **fixed(1.0, adaptive_power=0.0, flow_matching_share=0.0,
+                                                                     jvp_tangent=tangent))
+        torch.manual_seed(1)
+        method.loss(x, None).loss.backward()
+        grads[tangent] = net.theta.grad.item()
+    assert abs(grads["conditional"]) > 0.1 and abs(grads["model"]) < 0.01, grads  # MC standard error ~ 1e-3
+
+
 def test_lambda_zero_reproduces_meanflow_gradients_exactly():
     """MeanFlow regresses u on sg(v - (t - r) du/dt); the v-form u + (t - r) sg(du/dt) - v with full stop-gradient
     has the same value and gradient. Same seed, same batch, same options: every parameter gradient is equal, and so
@@ -286,6 +303,7 @@ def test_self_check_on_the_mlp_checks_the_backward_only_when_lambda_can_be_posit
     ({"jvp_mode": "reverse"}, "jvp_mode"),
     ({"flow_matching_share": 1.2}, "flow_matching_share"),
     ({"adaptive_eps": 0.0}, "adaptive_eps"),
+    ({"jvp_tangent": "marginal"}, "jvp_tangent"),
     ({"lambda_warmup": 10}, "unknown option"),
 ])
 def test_bad_options_are_clear_errors(options, match):

@@ -24,6 +24,11 @@ E|B (v - E[v | z_t])|^2, a pull that shrinks the jump's Jacobian: the exact u is
 (1000 steps, batch 1024, 2 seeds) the default curriculum gave 1-step flow-map errors 0.41 / 0.44 against 0.29 / 0.23
 with lambda = 0, with visibly tighter modes (median distance to the nearest mode 0.07 against 0.11; data 0.18);
 fixed lambda = 1 gave 0.43. A lambda > 0 step costs ~1.5x a lambda = 0 step (the double backward).
+
+jumpflow's remedy, an option (`jvp_tangent="model"`), not the paper's: take the JVP along the model's own
+instantaneous velocity sg(u_theta(z_t, t, t)) (as improved MeanFlow does) instead of eps - x. The tangent is then a
+function of z_t alone, the derivative of du/dt with respect to theta too, and the residual's zero conditional mean
+makes the exact u stationary again for every lambda (tested). It costs one more forward pass (no graph).
 """
 
 from __future__ import annotations
@@ -54,17 +59,23 @@ def gradient_modulation(z: Tensor, lam: Union[float, Tensor]) -> Tensor:
 
 
 def modular_meanflow_residual(average_velocity, z: Tensor, t: Tensor, r: Tensor, v: Tensor,
-                              lam: Union[float, Tensor], jvp_mode: str = "exact") -> Tuple[Tensor, Tensor]:
+                              lam: Union[float, Tensor], jvp_mode: str = "exact",
+                              tangent: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(u_theta(z, r, t), u_theta + (t - r) SG_lambda[du/dt] - v): the modular loss's residual (v-loss form).
 
     `average_velocity(z, t, r)` follows the backbone's argument order (later time first). The residual is written
     u - (v - (t - r) SG_lambda[du/dt]), MeanFlow's u - target, so lambda = 0 matches MeanFlow to the bit. It is 0 for
     the exact average velocity and the marginal velocity v, for every lambda (the MeanFlow identity; tested).
+    du/dt is taken along `tangent` (dz/dt), v unless given.
     """
-    u, du_dt = total_derivative(average_velocity, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)),
+    tangent = v if tangent is None else tangent
+    u, du_dt = total_derivative(average_velocity, (z, t, r), (tangent, torch.ones_like(t), torch.zeros_like(r)),
                                 mode=jvp_mode)
     gap = expand_time((t - r).clamp(0, 1), z)  # t - r clipped to [0, 1], as MeanFlow's target
     return u, u - (v - gap * gradient_modulation(du_dt, lam))
+
+
+JVP_TANGENTS = ("conditional", "model")
 
 
 @dataclass
@@ -79,6 +90,9 @@ class ModularMeanFlowConfig(MeanFlowConfig):
     # module docstring for why lambda > 0 measured worse than 0 on 8 gaussians.
     modulation: float = 1.0
     modulation_warmup_steps: int = 500
+    # dz/dt of the JVP: "conditional" = eps - x (MeanFlow's, and the loss as the paper summaries write it) or
+    # "model" = sg(u_theta(z_t, t, t)), jumpflow's remedy for the lambda > 0 bias (module docstring).
+    jvp_tangent: str = "conditional"
 
     def __post_init__(self):
         if not 0.0 <= self.modulation <= 1.0:
@@ -86,6 +100,8 @@ class ModularMeanFlowConfig(MeanFlowConfig):
         if not isinstance(self.modulation_warmup_steps, int) or self.modulation_warmup_steps < 0:
             raise JumpflowError(f"modulation_warmup_steps must be an integer >= 0, got "
                                 f"{self.modulation_warmup_steps!r}")
+        if self.jvp_tangent not in JVP_TANGENTS:
+            raise JumpflowError(f"unknown jvp_tangent {self.jvp_tangent!r}; valid: {', '.join(JVP_TANGENTS)}")
         if self.jvp_mode not in JVP_MODES:
             raise JumpflowError(f"unknown jvp_mode {self.jvp_mode!r}; valid: {', '.join(JVP_MODES)}")
         if self.jvp_mode != "exact" and self.modulation > 0:
@@ -132,8 +148,12 @@ class ModularMeanFlow(MeanFlow):
         def average_velocity(z_, t_, r_):
             return self.net(z_, t_, r_, labels).to(dtype)
 
+        tangent = None
+        if cfg.jvp_tangent == "model":
+            with torch.no_grad():
+                tangent = average_velocity(z, t, t)  # u(z, t, t): the model's instantaneous velocity
         # L_lambda: || u_theta + (t - r) SG_lambda[du/dt] - v ||^2 with MeanFlow's adaptive weight 1 / sg(D + eps)^p
-        _, residual = modular_meanflow_residual(average_velocity, z, t, r, v, lam, cfg.jvp_mode)
+        _, residual = modular_meanflow_residual(average_velocity, z, t, r, v, lam, cfg.jvp_mode, tangent)
         delta = residual.pow(2).flatten(1).sum(1)  # per-sample squared error, summed (MeanFlow's convention)
         loss = adaptive_weighted(delta, cfg.adaptive_power, cfg.adaptive_eps).mean()
         if self.training:
