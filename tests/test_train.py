@@ -199,3 +199,43 @@ def test_methods_see_the_trainers_ema_student_without_saving_it_twice(tmp_path):
     assert not any(k.startswith("_ema_net") for k in trainer.method.state_dict())
     ckpt = jumpflow.train(tiny(steps=4), tmp_path / "run2")
     assert not any(".ema_net." in k or k.startswith("model._ema") for k in load_file(str(ckpt)))
+
+
+class TwoOptimizers(FlowMatching):
+    """Flow matching plus an auxiliary 'critic' net with its own optimizer at half the lr, updated twice per step
+    before the student (a two-time-scale rule, as DMD2's fake-score net)."""
+
+    name = "two_optimizers_test"
+
+    def __init__(self, net, config, shape, num_classes=0):
+        super().__init__(net, config, shape, num_classes)
+        self.critic = torch.nn.Linear(2, 2)
+
+    def optimizers(self):
+        return {"net": (list(self.net.parameters()), 1.0), "critic": (list(self.critic.parameters()), 0.5)}
+
+    def updates(self, step):
+        return ("critic", "critic", "net")
+
+    def update_loss(self, name, x, labels):
+        if name == "critic":
+            loss = (self.critic(x) - x.flip(1)).pow(2).mean()
+            return jumpflow.methods.LossOutput(loss, {"fit": loss.detach()})
+        return self.loss(x, labels)
+
+
+def test_several_optimizers_update_in_the_methods_order_and_resume_exactly(tmp_path, monkeypatch):
+    monkeypatch.setitem(jumpflow.methods.METHODS._entries, TwoOptimizers.name, TwoOptimizers)
+    cfg = tiny(method=TwoOptimizers.name, checkpoint_every=6, log_every=6)
+    jumpflow.train(cfg, tmp_path / "whole")
+    jumpflow.train(tiny(method=TwoOptimizers.name, checkpoint_every=6, log_every=6), tmp_path / "cut", stop_after=8)
+    jumpflow.train({}, tmp_path / "cut", resume=True)
+    a = load_file(str(list_checkpoints(tmp_path / "whole")[12]))
+    b = load_file(str(list_checkpoints(tmp_path / "cut")[12]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("model.critic.") for k in a) and any(k.startswith("optim_critic.") for k in a)
+    assert a["optim_critic.0.step"].item() == 24 and a["optim.0.step"].item() == 12  # two critic updates a step
+    record = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")][-1]
+    assert {"critic.loss", "critic.grad_norm", "critic.fit"} <= record.keys()
+    middle = load_file(str(list_checkpoints(tmp_path / "whole")[6]))
+    assert not torch.equal(a["model.critic.weight"], middle["model.critic.weight"])  # the critic did train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -37,6 +38,42 @@ def train(config: Union[TrainConfig, Dict[str, Any], None], out: Union[str, Path
         cfg.save(out / "config.yaml")
     trainer.fit(stop_after=stop_after)
     return latest_checkpoint(out) or out
+
+
+def distill_config(teacher: Union[str, Path], method: str, changes: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """The TrainConfig of a student of `teacher` (a checkpoint or run directory): the teacher's data, labels,
+    normalisation, backbone and optimisation recipe, with `method` (a distillation method) and `changes` on top.
+    `changes` may name TrainConfig fields or, as with `jumpflow train`, options of the method. A student whose
+    backbone differs from the teacher's (SlimFlow's smaller student) starts from that backbone's default options."""
+    from . import methods
+    from .config import apply_overrides
+
+    if method not in methods.names():
+        methods.METHODS[method]  # the registry's error lists the valid names
+    if not methods.METHODS[method].needs_teacher:
+        raise JumpflowError(f"{method!r} trains from data, not from a teacher: use `jumpflow train`; distillation "
+                            f"methods: {', '.join(n for n in methods.names() if methods.METHODS[n].needs_teacher)}")
+    ckpt = resolve_checkpoint(teacher)
+    _, metadata = load_checkpoint(ckpt)
+    try:
+        values = TrainConfig.from_dict(json.loads(metadata["config"])).to_dict()
+    except (KeyError, ValueError) as e:
+        raise JumpflowError(f"teacher checkpoint {ckpt} has missing or unreadable metadata: {e}") from e
+    changes = dict(changes or {})
+    if changes.get("backbone") not in (None, values["backbone"]) and "backbone_options" not in changes:
+        values["backbone_options"] = {}
+    values.update(method=method, method_options={}, teacher=str(ckpt))
+    fields = [f.name for f in dataclasses.fields(methods.METHODS[method].Config)]
+    return TrainConfig.from_dict(apply_overrides(values, changes, fields))
+
+
+def distill(teacher: Union[str, Path], method: str, out: Union[str, Path],
+            changes: Optional[Dict[str, Any]] = None, resume: bool = False) -> Path:
+    """Distil `teacher` into a one-step student with `method`; like `train`, returns the latest checkpoint path.
+    The student samples with `load`/`sample` like any run (its teacher is not needed after training)."""
+    if resume:
+        return train(changes, out, resume=True)
+    return train(distill_config(teacher, method, changes), out)
 
 
 def _resumed_config(changes, out: Path) -> TrainConfig:

@@ -97,18 +97,19 @@ def split_prefix(tensors: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Tensor], str]:
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim") -> Tuple[Dict[str, Tensor], str]:
     state = optimizer.state_dict()
     tensors = {}
     for index, values in state["state"].items():
         for key, value in values.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return tensors, json.dumps(state["param_groups"])
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Dict[str, Tensor], groups_json: str) -> None:
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Dict[str, Tensor], groups_json: str,
+                           prefix: str = "optim") -> None:
     state: Dict[int, Dict[str, Tensor]] = {}
-    for name, value in split_prefix(tensors, "optim").items():
+    for name, value in split_prefix(tensors, prefix).items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})

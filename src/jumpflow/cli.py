@@ -40,6 +40,24 @@ def _train(args) -> None:
     print(f"run written to {args.out}; final checkpoint: {ckpt}")
 
 
+def _distill(args) -> None:
+    from . import api
+    from .config import parse_overrides
+
+    flags = {"steps": args.steps, "backbone": args.backbone, "batch_size": args.batch_size, "lr": args.lr,
+             "seed": args.seed}
+    changes = {**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(args.overrides)}
+    if args.resume:
+        ckpt = api.distill(None, None, args.out, changes, resume=True)
+        print(f"run {args.out} resumed; latest checkpoint: {ckpt}")
+        return
+    if not args.teacher or not args.method:
+        raise JumpflowError("give --teacher RUN_OR_CHECKPOINT and --method NAME (or --resume)")
+    ckpt = api.distill(args.teacher, args.method, args.out, changes)
+    print(f"student written to {args.out}; final checkpoint: {ckpt} (sample it with `jumpflow sample --ckpt "
+          f"{args.out}`)")
+
+
 def _sample(args) -> None:
     from . import api
     from .plots import save_samples
@@ -145,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field or method option")
     t.set_defaults(func=_train)
+
+    ds = sub.add_parser("distill", help="distil a flow-matching teacher into a one-step student (a run directory)")
+    ds.add_argument("--teacher", help="the teacher: a checkpoint or run directory of a flow-matching model")
+    ds.add_argument("--method", help="a distillation method (`jumpflow methods` lists them with kind distillation)")
+    ds.add_argument("--steps", type=int, help="training steps of the student")
+    ds.add_argument("--out", required=True, help="the student's run directory (refused if it exists, unless --resume)")
+    ds.add_argument("--backbone", help="the student's backbone (default: the teacher's, with its options)")
+    ds.add_argument("--batch-size", type=int)
+    ds.add_argument("--lr", type=float)
+    ds.add_argument("--seed", type=int)
+    ds.add_argument("--resume", action="store_true", help="continue the student in --out from its latest checkpoint")
+    ds.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field or method option")
+    ds.set_defaults(func=_distill)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint (EMA weights)")
     s.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its latest checkpoint)")

@@ -32,6 +32,7 @@ def validated(cls, values: Dict[str, Any], what: str):
 class TrainConfig:
     method: str = "meanflow"
     method_options: Dict[str, Any] = field(default_factory=dict)
+    teacher: Optional[str] = None  # distillation: a flow-matching checkpoint or run directory (jumpflow distill)
     data: str = "checkerboard"  # a built-in dataset name, a .npy/.npz file or an image folder
     data_options: Dict[str, Any] = field(default_factory=dict)
     backbone: Optional[str] = None  # None: mlp for vectors, unet for images

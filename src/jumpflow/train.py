@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from . import methods
 from .build import DataInfo, Standardizer, build_method, resolve_device
 from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                          prune_checkpoints, save_checkpoint, split_prefix)
@@ -41,6 +42,12 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def optimizer_prefix(name: str) -> str:
+    """Checkpoint key prefix of optimizer `name`: "optim" for the student's (as before several optimizers existed,
+    so older checkpoints resume), "optim_NAME" for an auxiliary network's."""
+    return "optim" if name == "net" else f"optim_{name}"
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False):
         cfg.validate()
@@ -57,12 +64,23 @@ class Trainer:
         self.scaler = self._fit_scaler()
 
         self.method = build_method(cfg, self.info).to(self.device)
+        if self.method.needs_teacher:  # before the EMA copy: a method may start its student from the teacher
+            teacher = self._load_teacher()
+            self.scaler = teacher.scaler  # the student lives in its teacher's model space
+            self.method.attach_teacher(teacher, self.out / "teacher")
+        elif cfg.teacher:
+            raise JumpflowError(f"method {cfg.method!r} trains from data and takes no teacher; distillation methods: "
+                                f"{', '.join(n for n in methods.names() if methods.METHODS[n].needs_teacher)}")
         self.ema = EMA(self.method.net, cfg.ema_decay)
         self.method.use_ema(self.ema.shadow)
         self.method.plan(cfg.steps)
-        self.params = self.method.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay)
+        # One AdamW per optimizer the method declares (the student's is "net"), each with its lr multiplier.
+        self.optimizers, self.lr_scales, self.params = {}, {}, {}
+        for name, (params, scale) in self.method.optimizers().items():
+            self.params[name], self.lr_scales[name] = list(params), float(scale)
+            self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=cfg.lr * scale,
+                                                      betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                      weight_decay=cfg.weight_decay)
         self.data_generator = torch.Generator().manual_seed(cfg.seed)
         # Fixed noise for the periodic pictures, drawn from its own generator so pictures never shift training RNG.
         picture_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -73,6 +91,19 @@ class Trainer:
             self._restore(latest_checkpoint(self.out))
         else:
             cfg.save(self.out / "config.yaml")
+
+    def _load_teacher(self):
+        from .distill import Teacher
+
+        if not self.cfg.teacher:
+            raise JumpflowError(f"method {self.cfg.method!r} distils a teacher: give one (TrainConfig.teacher, "
+                                f"`jumpflow distill --teacher RUN_OR_CHECKPOINT`)")
+        teacher = Teacher.from_checkpoint(self.cfg.teacher, device=str(self.device))
+        if teacher.shape != self.info.shape or teacher.num_classes != self.info.num_classes:
+            raise JumpflowError(f"teacher {self.cfg.teacher} models shape {teacher.shape} with "
+                                f"{teacher.num_classes} classes; this run's data {self.info.name!r} has shape "
+                                f"{self.info.shape} and {self.info.num_classes} classes")
+        return teacher
 
     def _fit_scaler(self) -> Standardizer:
         mode = self.cfg.normalize
@@ -118,30 +149,22 @@ class Trainer:
             labels = labels.to(self.device) if (labels is not None and self.info.num_classes) else None
             if self.step == 0:
                 self._self_check(x, labels)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate(self.step)
-
-            with autocast:
-                out = self.method.loss(x, labels)
-            loss = out.loss
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            # One host sync per step: a NaN loss also makes the gradient norm NaN, so a single check guards both,
-            # before the optimizer can write a non-finite value into the weights.
-            if not torch.isfinite(loss.detach() + grad_norm):
-                self._diverged(f"loss is {loss.item()}, gradient norm is {grad_norm.item()}")
-            self.optimizer.step()
+            records = {}
+            for name in self.method.updates(self.step):
+                records[name] = self._update(name, x, labels, autocast)
             self.ema.update(self.method.net, self.step)
             self.step += 1
             bar.update(1)
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                loss, grad_norm, metrics = records.get("net") or next(iter(records.values()))
                 last = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        **{k: float(v) for k, v in out.metrics.items()},
-                        "elapsed_s": round(self._tick(), 3)}
+                        "lr": self.learning_rate(self.step - 1), **{k: float(v) for k, v in metrics.items()}}
+                for name, (aux_loss, aux_norm, aux_metrics) in records.items():  # auxiliary networks' updates
+                    if name != "net":
+                        last.update({f"{name}.loss": aux_loss.item(), f"{name}.grad_norm": aux_norm.item(),
+                                     **{f"{name}.{k}": float(v) for k, v in aux_metrics.items()}})
+                last["elapsed_s"] = round(self._tick(), 3)
                 self._log(last)
                 bar.set_postfix(loss=f"{last['loss']:.4g}")
             picture = (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps
@@ -155,6 +178,26 @@ class Trainer:
                 self._clock_start = time.perf_counter()  # the time spent saving is not training time
         bar.close()
         return last
+
+    def _update(self, name: str, x, labels, autocast):
+        """One optimizer update: loss, backward, clipping, a finite check, step. Returns (loss, grad norm, metrics)."""
+        optimizer = self.optimizers[name]
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step) * self.lr_scales[name]
+        with autocast:
+            out = self.method.update_loss(name, x, labels)
+        loss = out.loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params[name], max_norm)
+        # One host sync per update: a NaN loss also makes the gradient norm NaN, so a single check guards both,
+        # before the optimizer can write a non-finite value into the weights.
+        if not torch.isfinite(loss.detach() + grad_norm):
+            what = f"loss is {loss.item()}, gradient norm is {grad_norm.item()}"
+            self._diverged(what if name == "net" else f"{name} update: {what}")
+        optimizer.step()
+        return loss.detach(), grad_norm.detach(), out.metrics
 
     def _tick(self) -> float:
         """Add the time since the last tick to train_seconds and return it."""
@@ -203,7 +246,8 @@ class Trainer:
         if self.info.num_classes:
             labels = torch.arange(noise.shape[0], device=self.device) % self.info.num_classes
         panels = [("data", self.dataset.reference(noise.shape[0]))]
-        for k in self.cfg.sample_steps:
+        limit = self.method.max_sample_steps
+        for k in [k for k in self.cfg.sample_steps if limit is None or k <= limit] or [1]:
             panels.append((f"{k} step{'s' if k > 1 else ''} (NFE {self.method.nfe(k)})", self.sample(noise, k, labels)))
         return save_panels(self.out / "samples" / f"step_{self.step:07d}.png", panels,
                            title=f"{self.cfg.method} on {self.info.name}, step {self.step} (EMA)")
@@ -212,8 +256,10 @@ class Trainer:
     def save(self) -> Path:
         tensors = {f"model.{k}": v for k, v in self.method.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
-        optim_tensors, groups = optimizer_to_tensors(self.optimizer)
-        tensors.update(optim_tensors)
+        groups = {}
+        for name, optimizer in self.optimizers.items():
+            optim_tensors, groups[name] = optimizer_to_tensors(optimizer, optimizer_prefix(name))
+            tensors.update(optim_tensors)
         tensors.update(self.scaler.tensors())
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.data"] = self.data_generator.get_state()
@@ -222,7 +268,8 @@ class Trainer:
                 tensors[f"rng.cuda.{i}"] = state
         metadata = {"step": str(self.step), "train_seconds": f"{self.train_seconds:.3f}",
                     "config": json.dumps(self.cfg.to_dict()),
-                    "data": json.dumps(self.info.to_dict()), "optim_groups": groups}
+                    "data": json.dumps(self.info.to_dict()),
+                    **{optimizer_prefix(name) + "_groups": g for name, g in groups.items()}}
         path = self.out / "checkpoints" / f"step_{self.step:07d}.safetensors"
         save_checkpoint(path, tensors, metadata)
         prune_checkpoints(self.out, self.cfg.keep_checkpoints)
@@ -233,7 +280,9 @@ class Trainer:
         try:
             self.method.load_state_dict(split_prefix(tensors, "model"))
             self.ema.shadow.load_state_dict(split_prefix(tensors, "ema"))
-            optimizer_from_tensors(self.optimizer, tensors, metadata["optim_groups"])
+            for name, optimizer in self.optimizers.items():
+                prefix = optimizer_prefix(name)
+                optimizer_from_tensors(optimizer, tensors, metadata[prefix + "_groups"], prefix)
         except (RuntimeError, KeyError, ValueError) as e:
             raise JumpflowError(f"checkpoint {path} does not match this run's config: {e}") from e
         self.scaler = Standardizer.from_tensors(tensors)

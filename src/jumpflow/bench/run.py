@@ -7,6 +7,7 @@ from its last checkpoint; a cell holding results of other settings is refused ra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,8 +35,12 @@ PICTURE_SAMPLES = 2000
 def cell_config(spec: BenchSpec, dataset: str, method: str, progress: bool) -> Dict[str, Any]:
     values = TrainConfig().to_dict()
     values.update(spec.training_for(dataset))
-    values.update(method=method, data=dataset, method_options=dict(spec.method_options.get(method, {})),
-                  seed=spec.seed, progress=progress, sample_every=0)
+    options = dict(spec.method_options.get(method, {}))
+    if methods.METHODS[method].needs_teacher:
+        fields = {f.name for f in dataclasses.fields(methods.METHODS[method].Config)}
+        options = {**{k: v for k, v in spec.distill_options.items() if k in fields}, **options}
+    values.update(method=method, data=dataset, method_options=options, seed=spec.seed, progress=progress,
+                  sample_every=0)
     # Evenly spaced checkpoints, all kept: they are the points of the quality-vs-training-time curve.
     values["checkpoint_every"] = max(1, values["steps"] // spec.curve_points)
     values["keep_checkpoints"] = spec.curve_points + 1
@@ -48,8 +53,11 @@ def sample_steps_for(spec: BenchSpec, method: str) -> List[int]:
 
 
 def cell_key(config: Dict[str, Any], spec: BenchSpec, steps: List[int]) -> str:
-    """What a cell's results depend on (not how it was displayed): a changed setting means a different cell."""
-    relevant = {k: v for k, v in config.items() if k not in ("progress", "log_every")}
+    """What a cell's results depend on (not how it was displayed): a changed setting means a different cell.
+    (A from-scratch cell's key leaves out its empty teacher, so cells scored before distillation existed stay.)"""
+    relevant = {k: v for k, v in within_grid(config).items() if k not in ("progress", "log_every")}
+    if relevant.get("teacher") is None:
+        relevant.pop("teacher", None)
     relevant.update(n_eval=spec.n_eval, sample_steps=steps)
     if spec.inception_fid:
         relevant["inception_fid"] = True
@@ -62,10 +70,26 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def within_grid(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The config with a student's teacher and pair cache written from its dataset's folder on (the same cell of a
+    bench folder that was copied or moved is the same cell)."""
+    def tail(path: str) -> str:
+        parts = Path(path).parts
+        return "/".join(parts[len(parts) - parts[::-1].index(config["data"]):]) if config["data"] in parts else path
+
+    config = dict(config, method_options=dict(config["method_options"]))
+    if config.get("teacher"):
+        config["teacher"] = tail(config["teacher"])
+    if config["method_options"].get("pair_cache"):
+        config["method_options"]["pair_cache"] = tail(config["method_options"]["pair_cache"])
+    return config
+
+
 def train_cell(config: Dict[str, Any], run_dir: Path) -> None:
     if list_checkpoints(run_dir):
-        saved = TrainConfig.load(run_dir / "config.yaml").to_dict()
-        differs = sorted(k for k in config if k not in ("progress",) and saved.get(k) != config[k])
+        saved = within_grid(TrainConfig.load(run_dir / "config.yaml").to_dict())
+        wanted = within_grid(config)
+        differs = sorted(k for k in wanted if k not in ("progress",) and saved.get(k) != wanted[k])
         if differs:
             raise JumpflowError(f"{run_dir} was trained with other settings ({', '.join(differs)}); "
                                 f"use another --out or delete that folder")
@@ -103,10 +127,36 @@ def evaluate_cell(run_dir: Path, judge: DatasetJudge, steps: List[int], cell_dir
     return rows
 
 
+def distillation_setup(config: Dict[str, Any], dataset: str, method: str, out: Path,
+                       done: Dict[str, List[Dict[str, Any]]]) -> Dict[str, float]:
+    """Point a distillation cell at its teacher, the final checkpoint of the `bench_teacher` cell of the same
+    dataset (trained earlier in this grid), with its pair cache inside the bench folder. Returns the costs its rows
+    add to the student's own training time: the teacher's whole cost, and the pair cache's generation time."""
+    teacher = methods.METHODS[method].bench_teacher
+    if teacher not in done:
+        raise JumpflowError(f"{method} distils the {teacher} cell of {dataset}: add {teacher} to --methods")
+    final = [row for row in done[teacher] if row["final"]]
+    config["teacher"] = str(list_checkpoints(out / dataset / teacher / "run")[final[0]["train_step"]])
+    options = methods.METHODS[method].Config(**config["method_options"])
+    if hasattr(options, "pair_cache"):
+        name = f"{teacher}-{options.teacher_solver}{options.teacher_steps}-seed{options.pair_seed}"
+        config["method_options"]["pair_cache"] = str(out / dataset / "pairs" / name)
+    return {"teacher_seconds": final[0]["train_seconds"]}
+
+
+def pair_seconds(config: Dict[str, Any]) -> float:
+    from ..distill import PairCache
+
+    folder = Path(config["method_options"].get("pair_cache", ""))
+    return float(PairCache(folder).manifest.get("generation_seconds", 0.0)) if folder.name else 0.0
+
+
 def run_cell(spec: BenchSpec, judge: DatasetJudge, dataset: str, method: str, out: Path,
-             progress: bool, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+             progress: bool, log: Callable[[str], None],
+             done: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     cell_dir = out / dataset / method
     config = cell_config(spec, dataset, method, progress)
+    costs = distillation_setup(config, dataset, method, out, done) if methods.METHODS[method].needs_teacher else {}
     steps = sample_steps_for(spec, method)
     key = cell_key(config, spec, steps)
     rows_file = cell_dir / "rows.json"
@@ -122,6 +172,10 @@ def run_cell(spec: BenchSpec, judge: DatasetJudge, dataset: str, method: str, ou
     count = len(list_checkpoints(cell_dir / "run"))
     log(f"{dataset} / {method}: scoring {count} checkpoint{'s' if count > 1 else ''} at steps {steps}")
     rows = evaluate_cell(cell_dir / "run", judge, steps, cell_dir, spec.sample_batch)
+    if costs:  # a student's cost includes its teacher's (with the teacher's own upstream) and its pair cache's
+        costs["pair_seconds"] = pair_seconds(config)
+        rows = [dict(row, student_seconds=row["train_seconds"], **costs,
+                     train_seconds=row["train_seconds"] + sum(costs.values())) for row in rows]
     rows = [dict(row, dataset=dataset) for row in rows]
     _write_json_atomic(rows_file, {"key": key, "rows": rows})
     return rows
@@ -146,9 +200,10 @@ def run_bench(spec: BenchSpec, out: Union[str, Path], progress: bool = True,
     for dataset in spec.datasets:
         judge = DatasetJudge(dataset, spec.training_for(dataset).get("data_options", {}), spec.n_eval, spec.seed,
                              spec.inception_fid)
-        dataset_rows = []
+        dataset_rows, done = [], {}
         for method in chosen:
-            dataset_rows += run_cell(spec, judge, dataset, method, out, progress, log)
+            done[method] = run_cell(spec, judge, dataset, method, out, progress, log, done)
+            dataset_rows += done[method]
         floors = {k[: -len("_floor")]: v for k, v in dataset_rows[0]["metrics"].items() if k.endswith("_floor")}
         results["datasets"][dataset] = {"kind": judge.kind, "n_eval": judge.n_eval, "floors": floors,
                                         "columns": judge.columns, "headline": judge.headline}

@@ -27,6 +27,8 @@ class BenchSpec:
     methods: List[str] = field(default_factory=lambda: ["all"])  # "all": every registered non-peer method
     peers: bool = True  # add peer rows whose package is importable
     method_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per method; default: the paper's
+    # Options for every distillation method whose config has them (the pair cache's size, the teacher's ODE).
+    distill_options: Dict[str, Any] = field(default_factory=dict)
     steps: Optional[int] = None  # overrides every dataset's training steps
     time_limit_s: float = 0.0  # > 0: each cell also stops after this much training time (the wall-clock budget)
     max_sample_steps: int = 100  # caps each method's bench_steps (smoke keeps sampling cheap)
@@ -63,6 +65,26 @@ class BenchSpec:
         return values
 
 
+def teachers_first(chosen: List[str]) -> List[str]:
+    """Order the grid so that every distillation method comes after the cell it distils (its `bench_teacher`,
+    itself possibly a student: InstaFlow distils the reflow cell), keeping the given order otherwise."""
+    from .. import methods
+
+    ordered: List[str] = []
+
+    def place(name: str, seen: tuple) -> None:
+        if name in ordered or name not in chosen:
+            return
+        teacher = methods.METHODS[name].bench_teacher if methods.METHODS[name].needs_teacher else None
+        if teacher and teacher not in seen:
+            place(teacher, seen + (name,))
+        ordered.append(name)
+
+    for name in chosen:
+        place(name, ())
+    return ordered
+
+
 def select_methods(spec: BenchSpec) -> Tuple[List[str], Dict[str, str]]:
     """(methods to run, {method: why it is skipped}). "all" expands to every registered method that is not a peer,
     so a new method joins the benchmark by registering; peers join when their package imports."""
@@ -77,6 +99,7 @@ def select_methods(spec: BenchSpec) -> Tuple[List[str], Dict[str, str]]:
             chosen.append(name)
     if spec.peers:
         chosen += [m for m in methods.names() if methods.METHODS[m].kind == "peer"]
+    chosen = teachers_first(list(dict.fromkeys(chosen)))
     skipped = {}
     for name in dict.fromkeys(chosen):
         package = methods.METHODS[name].requires
@@ -96,6 +119,7 @@ CIFAR10_PAPER_NUMBERS = [
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Seconds: what CI runs. A Gaussian mixture (exact flow map) and the digits, a few steps each.
     "smoke": {"datasets": ["8gaussians", "digits"], "n_eval": 256, "curve_points": 2, "max_sample_steps": 4,
+              "distill_options": {"pairs": 256, "teacher_steps": 4},
               "training": {"8gaussians": dict(TOY_TRAINING, steps=30, batch_size=256,
                                               backbone_options={"width": 64, "depth": 2}),
                            "digits": dict(DIGITS_TRAINING, steps=6, batch_size=32, lr=2e-3, warmup_steps=1,
@@ -103,7 +127,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Minutes on 2 CPU cores: the 2-D toys with the recipe of BENCHMARKS.md.
     "toys": {"datasets": ["checkerboard", "8gaussians"], "training": {"*": TOY_TRAINING}},
     # Tens of minutes on 2 CPU cores: 8x8 digits, a 1.2M-parameter UNet, FD on the digits feature net.
-    "digits": {"datasets": ["digits"], "training": {"digits": DIGITS_TRAINING}, "n_eval": 450},
+    # (Students: 10k teacher pairs of 100 Euler steps, about ten minutes of the 1.2M-parameter UNet on 2 cores.)
+    "digits": {"datasets": ["digits"], "training": {"digits": DIGITS_TRAINING}, "n_eval": 450,
+               "distill_options": {"pairs": 10_000}},
     # GPU: CIFAR-10 from its files on disk (data_options.root), Inception FID when torch-fidelity has its weights.
     "cifar10": {"datasets": ["cifar10"], "n_eval": 50000, "curve_points": 4, "inception_fid": True,
                 "training": {"cifar10": {"backbone": "unet", "backbone_options": {"channels": 128,

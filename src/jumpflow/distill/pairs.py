@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -245,9 +246,13 @@ def generate_pairs(teacher: Teacher, directory: Union[str, Path], n: int, steps:
     done = len(cache) - sum(chunk_rows(len(cache), chunk_size, i) for i in todo)
     bar = tqdm(total=len(cache), initial=done, disable=not progress, desc="teacher pairs", unit="pair",
                dynamic_ncols=True)
+    started = time.perf_counter()
     with bar:
         for i in todo:
             _write_chunk(cache, teacher, i, manifest, batch_size, bar)
+    if todo:  # what the pairs cost, summed over resumes: a student's benchmark cost includes it
+        manifest["generation_seconds"] = manifest.get("generation_seconds", 0.0) + time.perf_counter() - started
+        _write_atomic_json(directory / MANIFEST, manifest)
     for stale in directory.iterdir():  # temporary files of a crashed run: never read, safe to drop now
         if _TMP.match(stale.name):
             stale.unlink()

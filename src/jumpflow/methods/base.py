@@ -1,7 +1,7 @@
 """The contract between a method and the generic Trainer.
 
 A method is an nn.Module that owns its student network (`self.net`) and any auxiliary networks. The Trainer calls
-`loss(x, labels)` each step and `sample(noise, steps, ...)` for pictures and evaluation, always passing the EMA copy
+`loss(x, labels)` each step (methods with several optimizers: `update_loss` for each of `updates(step)`) and `sample(noise, steps, ...)` for pictures and evaluation, always passing the EMA copy
 of the student as `net=`; it never branches on a method's name. Randomness (times, noise, label dropout) comes from
 torch's global RNG, whose state the Trainer saves in every checkpoint so resume is exact.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ class Method(nn.Module):
     Config: ClassVar[type]  # a dataclass of the method's options, defaults = the paper's values
     default_sample_steps: ClassVar[int] = 1
     bench_steps: ClassVar[Tuple[int, ...]] = (1, 2)  # sampling step counts the benchmark measures
+    max_sample_steps: ClassVar[Optional[int]] = None  # a method trained for fewer jumps only (InstaFlow: 1)
     requires: ClassVar[str] = ""  # a pip package the method needs beyond jumpflow's core (peers)
 
     def __init__(self, net: nn.Module, config: Any, shape: tuple, num_classes: int = 0):
@@ -77,8 +79,42 @@ class Method(nn.Module):
         return self.__dict__.get("_ema_net") or self.net
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        """What the optimizer updates; methods with several optimizers (DMD2, SiD) override the trainer hooks."""
+        """What the student's optimizer ("net") updates."""
         return list(self.net.parameters())
+
+    # --- several networks, several optimizers (DMD2, SiD, SIM): the Trainer's hooks ----------------------------
+    def optimizers(self) -> Dict[str, Tuple[List[nn.Parameter], float]]:
+        """Each optimizer the Trainer builds: name -> (parameters, learning-rate multiplier). The student's is "net";
+        a method with auxiliary networks (a fake-score net) adds its own."""
+        return {"net": (self.trainable_parameters(), 1.0)}
+
+    def updates(self, step: int) -> Sequence[str]:
+        """The optimizer updates of training step `step`, in order; each is one `update_loss`, backward and
+        optimizer step (two-time-scale rules repeat a name). The EMA follows the student once per step."""
+        return ("net",)
+
+    def update_loss(self, name: str, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
+        """The loss that optimizer `name` descends; the default (one optimizer) is `loss`."""
+        return self.loss(x, labels)
+
+    # --- distillation ---------------------------------------------------------------------------------------
+    needs_teacher: ClassVar[bool] = False  # True: the Trainer loads TrainConfig.teacher and calls attach_teacher
+    bench_teacher: ClassVar[str] = "flow_matching"  # the benchmark cell a distillation method distils
+
+    def attach_teacher(self, teacher: Any, workspace: Path) -> None:
+        """The Trainer hands a frozen `jumpflow.distill.Teacher` (model space = the student's) before the first step
+        and again on resume, before the checkpoint is restored. `workspace` is a folder for what the method builds
+        from the teacher once (a pair cache); methods that build something extend this. Kept outside the module tree:
+        the teacher is never saved with the student."""
+        self.__dict__["_teacher"] = teacher
+
+    @property
+    def teacher(self) -> Any:
+        teacher = self.__dict__.get("_teacher")
+        if teacher is None:
+            raise JumpflowError(f"{self.name} trains from a teacher: train it with `jumpflow distill --teacher RUN` "
+                                f"(TrainConfig.teacher), not from data alone")
+        return teacher
 
     # --- sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()
