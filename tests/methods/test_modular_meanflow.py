@@ -33,8 +33,9 @@ def gradients(method, x, labels=None, seed=1):
 
 
 def fixed(modulation, **options):
-    """Options for a fixed lambda (no curriculum)."""
-    return dict(modulation=modulation, modulation_warmup_steps=0, **options)
+    """Options for a fixed lambda (no curriculum), with the JVP along eps - x (the loss as the paper's summaries
+    write it, whose algebra these tests check) unless `jvp_tangent` says otherwise."""
+    return dict(dict(modulation=modulation, modulation_warmup_steps=0, jvp_tangent="conditional"), **options)
 
 
 # --- the identity and its fixed point -------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_lambda_zero_reproduces_meanflow_gradients_exactly():
     net = small_mlp(num_classes=3)
     reference = methods.get("meanflow", net, (2,), num_classes=3, **options)
     out_mf, grads_mf = gradients(reference, x, labels)
-    for config in (fixed(0.0), dict(modulation=1.0, modulation_warmup_steps=100)):
+    for config in (fixed(0.0), dict(modulation=1.0, modulation_warmup_steps=100, jvp_tangent="conditional")):
         method = methods.get("modular_meanflow", net, (2,), num_classes=3, **options, **config)
         out, grads = gradients(method, x, labels)
         assert torch.equal(out.loss, out_mf.loss)
@@ -178,19 +179,21 @@ def test_lambda_one_gradient_matches_finite_differences_and_differs_from_meanflo
     assert torch.allclose(flat[0.5], (flat[0.0] + flat[1.0]) / 2, rtol=1e-9, atol=1e-12)
 
 
-def test_lambda_one_gradient_matches_autograd_through_a_double_backward_jvp():
+@pytest.mark.parametrize("tangent", ["conditional", "model"])
+def test_lambda_one_gradient_matches_autograd_through_a_double_backward_jvp(tangent):
     """With MeanFlow's adaptive weight (p = 1, a stop-gradient weight: no finite difference of the loss applies),
     against an independent reference: du/dt from torch.autograd.functional.jvp (the double-backward trick) with
-    create_graph=True, on the same draws."""
+    create_graph=True, on the same draws, along eps - x or along the detached model velocity u(z, t, t)."""
     net = small_mlp(width=16, depth=1, dtype=torch.float64)
     x = torch.randn(128, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    method = methods.get("modular_meanflow", net, (2,), **fixed(1.0))
+    method = methods.get("modular_meanflow", net, (2,), **fixed(1.0, jvp_tangent=tangent))
     _, grads = gradients(method, x, seed=1)
 
     torch.manual_seed(1)
     z, t, r, v = method.training_point(x)  # the loss's draws, replayed (float32 times, as the loss uses them)
+    dz = v if tangent == "conditional" else net(z, t, t).detach()
     u, du_dt = torch.autograd.functional.jvp(lambda z_, t_, r_: net(z_, t_, r_), (z, t, r),
-                                             (v, torch.ones_like(t), torch.zeros_like(r)), create_graph=True)
+                                             (dz, torch.ones_like(t), torch.zeros_like(r)), create_graph=True)
     delta = (u + (t - r)[:, None] * du_dt - v).pow(2).sum(1)
     loss = (delta / (delta.detach() + 0.01)).mean()
     reference = torch.autograd.grad(loss, list(net.parameters()))
