@@ -42,4 +42,5 @@ from . import (consistency, flow_matching, imf, imm, meanflow, modular_meanflow,
 from .. import peers  # noqa: E402,F401  # peers register here too; their packages load only when built
 
 __all__ = ["METHODS", "Method", "LossOutput", "get", "names", "catalogue", "register"]
-from ..distill import reflow  # noqa: E402,F401  (distillation methods register here too)
+# Distillation methods register here too.
+from ..distill import consistency_distillation, re_meanflow, reflow  # noqa: E402,F401
