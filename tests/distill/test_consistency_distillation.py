@@ -205,15 +205,6 @@ def test_without_a_teacher_it_says_how_to_get_one():
 
 
 # --- the whole path: a trained teacher, `jumpflow distill`, resume, load ------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "fm"
-    jumpflow.api.train({"method": "flow_matching", "data": "8gaussians", "steps": 40, "batch_size": 128,
-                        "backbone_options": {"width": 32, "depth": 2}, "progress": False, "sample_every": 0,
-                        "checkpoint_every": 0}, out)
-    return out
-
-
 def test_distill_end_to_end_starts_from_the_teacher_and_resumes_exactly_with_its_target(teacher_run, tmp_path):
     from jumpflow.train import Trainer
 

@@ -82,15 +82,6 @@ def test_bad_options_are_clear_errors(options, match):
 
 
 # --- the whole path: a trained teacher, `jumpflow distill`, resume, load ------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "fm"
-    jumpflow.api.train({"method": "flow_matching", "data": "8gaussians", "steps": 40, "batch_size": 128,
-                        "backbone_options": {"width": 32, "depth": 2}, "progress": False, "sample_every": 0,
-                        "checkpoint_every": 0}, out)
-    return out
-
-
 def student_changes(tmp_path, **more):
     return {"steps": 20, "batch_size": 64, "progress": False, "sample_every": 0, "checkpoint_every": 10,
             "pairs": 300, "teacher_steps": 8, "pair_cache": str(tmp_path / "pairs"), **more}
