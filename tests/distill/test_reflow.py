@@ -147,3 +147,19 @@ def _methods_json(main, capsys):
     capsys.readouterr()
     main(["methods", "--json"])
     return capsys.readouterr().out
+
+
+def test_a_smaller_student_than_its_teacher_trains_from_its_own_start(teacher_run, tmp_path):
+    """SlimFlow's situation: the student's backbone is narrower, so the teacher's weights cannot be its start."""
+    from jumpflow.train import Trainer
+
+    cfg = jumpflow.api.distill_config(teacher_run, "reflow", student_changes(
+        tmp_path, backbone="mlp", backbone_options={"width": 16, "depth": 1}))
+    trainer = Trainer(cfg, tmp_path / "small")
+    student = sum(p.numel() for p in trainer.method.net.parameters())
+    teacher = sum(p.numel() for p in Teacher.from_checkpoint(teacher_run).net.parameters())
+    assert student < teacher / 3
+    first = [p.detach().clone() for p in trainer.method.net.parameters()]
+    trainer.fit()
+    assert any(not torch.equal(a, b) for a, b in zip(first, trainer.method.net.parameters()))
+    assert jumpflow.load(tmp_path / "small").generate(8, steps=1, seed=0).shape == (8, 2)
