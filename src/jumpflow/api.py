@@ -52,7 +52,7 @@ def distill_config(teacher: Union[str, Path], method: str, changes: Optional[Dic
         methods.METHODS[method]  # the registry's error lists the valid names
     if not methods.METHODS[method].needs_teacher:
         raise JumpflowError(f"{method!r} trains from data, not from a teacher: use `jumpflow train`; distillation "
-                            f"methods: {', '.join(n for n in methods.names() if methods.METHODS[n].needs_teacher)}")
+                            f"methods: {', '.join(methods.distillation_names())}")
     ckpt = resolve_checkpoint(teacher)
     _, metadata = load_checkpoint(ckpt)
     try:

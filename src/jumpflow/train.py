@@ -70,7 +70,7 @@ class Trainer:
             self.method.attach_teacher(teacher, self.out / "teacher")
         elif cfg.teacher:
             raise JumpflowError(f"method {cfg.method!r} trains from data and takes no teacher; distillation methods: "
-                                f"{', '.join(n for n in methods.names() if methods.METHODS[n].needs_teacher)}")
+                                f"{', '.join(methods.distillation_names())}")
         self.ema = EMA(self.method.net, cfg.ema_decay)
         self.method.use_ema(self.ema.shadow)
         self.method.plan(cfg.steps)

@@ -25,6 +25,11 @@ def names() -> List[str]:
     return METHODS.names()
 
 
+def distillation_names() -> List[str]:
+    """The methods that train from a teacher (`jumpflow distill`)."""
+    return [n for n in METHODS.names() if METHODS[n].needs_teacher]
+
+
 def catalogue() -> List[Dict[str, Any]]:
     """What `jumpflow methods --json` prints: name, kind, paper, default options."""
     out = []
