@@ -67,6 +67,7 @@ class Trainer:
         if self.method.needs_teacher:  # before the EMA copy: a method may start its student from the teacher
             teacher = self._load_teacher()
             self.scaler = teacher.scaler  # the student lives in its teacher's model space
+            self.method.show_progress = cfg.progress  # what it builds from the teacher (a pair cache) shows a bar
             self.method.attach_teacher(teacher, self.out / "teacher")
         elif cfg.teacher:
             raise JumpflowError(f"method {cfg.method!r} trains from data and takes no teacher; distillation methods: "

@@ -135,6 +135,7 @@ def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
     args = ["distill", "--teacher", str(teacher_run), "--method", "reflow", "--steps", "10", "--out",
             str(tmp_path / "s"), "progress=false", "pairs=200", "teacher_steps=4", f"pair_cache={tmp_path / 'p'}"]
     assert main(args) == 0
+    assert "teacher pairs" not in capsys.readouterr().err  # progress=false silences the pair cache's bar too
     assert main(["sample", "--ckpt", str(tmp_path / "s"), "--n", "8", "--steps", "1",
                  "--out", str(tmp_path / "x.npy")]) == 0
     assert main(["distill", "--teacher", str(teacher_run), "--method", "ict", "--out", str(tmp_path / "t")]) == 2

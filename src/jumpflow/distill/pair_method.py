@@ -55,7 +55,7 @@ class PairDistillation(Method):
         folder = Path(cfg.pair_cache) if cfg.pair_cache else self.default_cache(teacher, cfg)
         started = time.perf_counter()
         cache = generate_pairs(teacher, folder, cfg.pairs, cfg.teacher_steps, solver=cfg.teacher_solver,
-                               seed=cfg.pair_seed, progress=True)
+                               seed=cfg.pair_seed, progress=self.show_progress)
         pairs = cache.load_all(device=teacher.device)
         # The first `pairs` rows: a cache grown by another student holds more, and those must not change this one.
         self.__dict__["_pairs"] = tuple(None if p is None else p[: cfg.pairs] for p in pairs)

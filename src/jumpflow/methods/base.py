@@ -100,6 +100,7 @@ class Method(nn.Module):
     # --- distillation ---------------------------------------------------------------------------------------
     needs_teacher: ClassVar[bool] = False  # True: the Trainer loads TrainConfig.teacher and calls attach_teacher
     bench_teacher: ClassVar[str] = "flow_matching"  # the benchmark cell a distillation method distils
+    show_progress: bool = True  # progress bars for work done in attach_teacher (the Trainer sets its own flag)
 
     def attach_teacher(self, teacher: Any, workspace: Path) -> None:
         """The Trainer hands a frozen `jumpflow.distill.Teacher` (model space = the student's) before the first step
