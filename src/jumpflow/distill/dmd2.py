@@ -35,15 +35,17 @@ jumpflow's choices, each against the paper:
   Off by default since it is not the paper's head.
 - Sampling: one step only. DMD2's multi-step generator needs "backward simulation" training; this one is trained at
   t = 1 alone, so its denoise/re-noise chain would leave the distribution it was trained on.
+
+The generator, the fake score, its loss, the two optimizers and one-step sampling are shared with SiD and SIM
+(`score_distillation.ScoreDistillation`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -51,11 +53,11 @@ from torch.nn import functional as F
 
 from ..errors import JumpflowError
 from ..methods import register
-from ..methods.base import LossOutput, Method
+from ..methods.base import LossOutput
 from ..methods.consistency import sigma_to_time
 from ..paths import interpolate
 from .consistency_distillation import karras_sigmas
-from .pair_method import PairDistillation
+from .score_distillation import ScoreDistillation
 from .teacher import check_solver
 
 TIME_SCHEDULES = ("karras", "uniform")
@@ -122,32 +124,23 @@ class NoisyDiscriminator(nn.Module):
 
 
 @register
-class DMD2(Method):
+class DMD2(ScoreDistillation):
     """DMD2: a one-step generator pushed along the fake-minus-real score difference, with an online fake score."""
 
     name = "dmd2"
-    kind = "distillation"
-    needs_teacher = True
     paper = ("Yin et al. 2024, Improved Distribution Matching Distillation for Fast Image Synthesis "
              "(arXiv 2405.14867); DMD: Yin et al. CVPR 2024 (arXiv 2311.18828)")
     Config = DMD2Config
-    default_sample_steps = 1
-    bench_steps = (1,)
-    max_sample_steps = 1
 
     def __init__(self, net: nn.Module, config: DMD2Config, shape: tuple, num_classes: int = 0):
         super().__init__(net, config, shape, num_classes)
-        self.fake_net = copy.deepcopy(net)  # the fake score: the student's architecture, its own optimizer
         self.discriminator = NoisyDiscriminator(math.prod(self.shape), config.discriminator_width) if config.gan \
             else None
         self.sigmas = karras_sigmas(config.num_train_timesteps, config.sigma_min, config.sigma_max, config.rho)
 
-    # --- the teacher: real score, and the start of both networks ----------------------------------------------------
+    # --- the teacher: DMD v1's regression pairs ------------------------------------------------------------------
     def attach_teacher(self, teacher, workspace: Path) -> None:
-        super().attach_teacher(teacher, workspace)
-        if self.config.init_from_teacher and teacher.net is not None:
-            PairDistillation.start_from(self, teacher)  # generator and fake score both start from the teacher
-            self.fake_net.load_state_dict(self.net.state_dict())  # (the student's own start if no match)
+        super().attach_teacher(teacher, workspace)  # also starts generator and fake score from the teacher
         if self.config.regression_weight > 0:
             self.__dict__["_regression_pairs"] = self.regression_dataset(teacher)  # outside the saved state
 
@@ -173,22 +166,11 @@ class DMD2(Method):
         pick = lambda a: None if a is None else a[index].to(device)  # noqa: E731
         return pick(noise), pick(samples), pick(labels)
 
-    # --- the Trainer's hooks: two optimizers, the two-time-scale rule ------------------------------------------------
-    def optimizers(self) -> Dict[str, Tuple[List[nn.Parameter], float]]:
+    def fake_parameters(self) -> List[nn.Parameter]:
         fake = list(self.fake_net.parameters())
         if self.discriminator is not None:
             fake += list(self.discriminator.parameters())  # the paper's classifier head trains with the fake score
-        return {"net": (self.trainable_parameters(), 1.0), "fake": (fake, float(self.config.fake_lr_scale))}
-
-    def updates(self, step: int) -> Sequence[str]:
-        return ("fake",) * self.config.fake_updates + ("net",)
-
-    def update_loss(self, name: str, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
-        if name == "fake":
-            return self.fake_loss(x, labels)
-        if name == "net":
-            return self.loss(x, labels)
-        raise JumpflowError(f"{self.name} has optimizers net and fake, not {name!r}")
+        return fake
 
     # --- pieces -----------------------------------------------------------------------------------------------------
     def times(self, n: int, device, dtype) -> Tensor:
@@ -203,22 +185,14 @@ class DMD2(Method):
         index = torch.randint(low, high, (n,)).clamp(max=cfg.num_train_timesteps - 1)
         return sigma_to_time(self.sigmas[index]).to(device, dtype)
 
-    def generate(self, noise: Tensor, labels: Optional[Tensor], net: Optional[nn.Module] = None) -> Tensor:
-        """G(eps) = eps - net(eps, 1, 0): the one-step flow-map jump from noise to data."""
-        net = self.net if net is None else net
-        ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        return noise - net(noise, ones, 0 * ones, labels).to(noise.dtype)
-
     @torch.no_grad()
     def distribution_matching_gradient(self, x: Tensor, t: Tensor, noise: Tensor,
                                        labels: Optional[Tensor]) -> Tensor:
         """DMD's grad = (x_hat_fake - x_hat_real) / mean|x - x_hat_real| (per sample, NaN -> 0), shaped like x."""
         x = x.detach()
         z = interpolate(x, noise, t)
-        tb = t.view(-1, *([1] * (x.dim() - 1)))
-        real = z - tb * self.teacher.velocity(z, t, labels).to(x.dtype)  # x_hat = z_t - t v(z_t, t)
-        fake = z - tb * self.fake_net(z, t, t, labels).to(x.dtype)
-        normaliser = (x - real).abs().flatten(1).mean(1).view_as(tb)
+        real, fake = self.real_denoiser(z, t, labels), self.fake_denoiser(z, t, labels)  # x_hat = z_t - t v(z_t, t)
+        normaliser = (x - real).abs().flatten(1).mean(1).view(-1, *([1] * (x.dim() - 1)))
         return torch.nan_to_num((fake - real) / normaliser)
 
     def discriminate(self, x: Tensor) -> Tensor:
@@ -249,26 +223,10 @@ class DMD2(Method):
 
     def fake_loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
         """Flow matching of the fake score on fresh, detached generator samples (+ the discriminator's loss)."""
-        with torch.no_grad():
-            sample = self.generate(torch.randn_like(x), labels)
-        noise = torch.randn_like(x)
-        t = self.times(x.shape[0], x.device, x.dtype)
-        v = self.fake_net(interpolate(sample, noise, t), t, t, labels)
-        fit = (v.float() - (noise - sample).float()).pow(2).mean()
-        loss, metrics = fit, {"fit": fit.detach()}
+        sample = self.fresh_sample(x, labels)
+        out = self.fake_score_loss(sample, labels)
         if self.discriminator is not None:
             critic = (F.softplus(self.discriminate(sample)) + F.softplus(-self.discriminate(x))).mean()
-            loss = loss + self.config.gan_discriminator_weight * critic
-            metrics["discriminator"] = critic.detach()
-        return LossOutput(loss, metrics)
-
-    # --- sampling ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, noise: Tensor, steps: int, labels: Optional[Tensor] = None, net: Optional[nn.Module] = None,
-               **options) -> Tensor:
-        self.check_steps(steps)
-        if steps != 1:
-            raise JumpflowError(f"{self.name} is trained for one step (t = 1 to 0) only; got steps={steps!r}")
-        if options:
-            raise JumpflowError(f"{self.name} sampling takes no option(s) {', '.join(sorted(options))}")
-        return self.generate(noise, labels, net)
+            out.loss = out.loss + self.config.gan_discriminator_weight * critic
+            out.metrics["discriminator"] = critic.detach()
+        return out
