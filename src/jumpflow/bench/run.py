@@ -34,7 +34,7 @@ PICTURE_SAMPLES = 2000
 
 def cell_config(spec: BenchSpec, dataset: str, method: str, progress: bool) -> Dict[str, Any]:
     values = TrainConfig().to_dict()
-    values.update(spec.training_for(dataset))
+    values.update(spec.training_for(dataset, method))  # the dataset's recipe, with the method's own changes if any
     options = dict(spec.method_options.get(method, {}))
     if methods.METHODS[method].needs_teacher:
         fields = {f.name for f in dataclasses.fields(methods.METHODS[method].Config)}

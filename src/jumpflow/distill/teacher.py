@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # api/build import every method and net: load them only when 
 VelocityFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]  # (z (N, *shape), t (N,), labels) -> v
 
 # Methods whose net(z, t, t, labels) is trained by flow matching to be the instantaneous velocity at s == t.
-VELOCITY_METHODS = ("flow_matching", "peer.facebook_flow_matching", "reflow", "meanflow", "modular_meanflow",
-                    "split_meanflow", "soflow", "tvm")
+VELOCITY_METHODS = ("flow_matching", "peer.facebook_flow_matching", "reflow", "slimflow", "meanflow",
+                    "modular_meanflow", "split_meanflow", "soflow", "tvm")
 SOLVER_NFE = {"euler": 1, "heun": 2}  # network evaluations per ODE step
 
 

@@ -48,4 +48,5 @@ from .. import peers  # noqa: E402,F401  # peers register here too; their packag
 
 __all__ = ["METHODS", "Method", "LossOutput", "get", "names", "catalogue", "register"]
 # Distillation methods register here too.
-from ..distill import consistency_distillation, dmd2, re_meanflow, reflow  # noqa: E402,F401
+from ..distill import (align_your_flow, consistency_distillation, dmd2, re_meanflow, reflow, sid, sim,  # noqa: E402,F401
+                       slimflow)
