@@ -1,15 +1,18 @@
-"""The Python API the CLI is a thin layer over: train, load, sample, evaluate."""
+"""The Python API the CLI is a thin layer over: train, load, sample, evaluate, and share (from_pretrained)."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from . import nets
 from .build import DataInfo, Standardizer, build_method, resolve_device
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, split_prefix
 from .config import TrainConfig
@@ -92,14 +95,23 @@ def _resumed_config(changes, out: Path) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+STEP_COUNT_CAP = 128  # the longest power-of-two step count describe() lists for a method with no limit of its own
+
+
 class LoadedModel:
-    """A trained one-step (or multi-step) generator: EMA weights of a checkpoint, ready to sample."""
+    """A trained one-step (or multi-step) generator: EMA weights of a checkpoint, ready to sample.
+
+    Made by `load` (a checkpoint, a run directory or an exported directory) or `from_pretrained` (also a Hugging Face
+    repo id). `generate` samples, `describe` says what it is, `to_image`/`save_png` make a picture of samples, and
+    `save_pretrained`/`push_to_hub` share it (see `jumpflow.hub`)."""
 
     def __init__(self, method, info: DataInfo, config: TrainConfig, scaler: Standardizer, step: int,
                  device: torch.device):
         self.method, self.info, self.config, self.scaler = method, info, config, scaler
         self.step, self.device = step, device
         self.train_seconds = 0.0
+        self.source: Optional[Path] = None  # the checkpoint file or exported directory the weights came from
+        self.measurements: Optional[dict] = None  # what an export carried over from its run (model card metrics)
 
     @property
     def net(self):
@@ -111,8 +123,13 @@ class LoadedModel:
 
     @torch.no_grad()
     def generate(self, n: Optional[int] = None, steps: Optional[int] = None, seed: Optional[int] = None,
-                 noise: Optional[Tensor] = None, cls: Optional[Union[int, Tensor]] = None, **options) -> Tensor:
-        """Samples in data space (images: (N, C, H, W) in [-1, 1]). `noise` replaces the drawn starting noise."""
+                 cls: Optional[Union[int, Tensor]] = None, guidance: Optional[float] = None,
+                 noise: Optional[Tensor] = None, **options) -> Tensor:
+        """Samples in data space (images: (N, C, H, W) in [-1, 1]). `noise` replaces the drawn starting noise.
+
+        `seed` fixes the starting noise (drawn on the CPU, so the same on every machine) and the sampler's own
+        randomness (multistep consistency sampling re-noises), without touching torch's global RNG. `guidance` is the
+        classifier-free guidance scale of methods whose sampler takes one (`describe()["guidance"]`)."""
         if noise is None:
             if n is None or n < 1:
                 raise JumpflowError(f"n must be a positive integer, got {n!r}")
@@ -122,8 +139,14 @@ class LoadedModel:
             expected = ", ".join(map(str, self.info.shape))
             raise JumpflowError(f"noise has shape {tuple(noise.shape)}, expected (N, {expected})")
         labels = self._labels(cls, noise.shape[0])
+        if guidance is not None:
+            options["guidance"] = self._guidance(guidance, labels)
         steps = steps if steps is not None else self.method.default_sample_steps
-        z = self.method.sample(noise.to(self.device), steps, labels=labels, **options)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            z = self.method.sample(noise.to(self.device), steps, labels=labels, **options)
         return self.scaler.decode(z.float().cpu())
 
     def _labels(self, cls, n: int) -> Optional[Tensor]:
@@ -136,9 +159,121 @@ class LoadedModel:
             raise JumpflowError(f"class must be in [0, {self.info.num_classes - 1}], got {cls!r}")
         return labels
 
+    @property
+    def accepts_guidance(self) -> bool:
+        """Classifier-free guidance needs a sampler with a `guidance` option and a class-conditional model."""
+        return bool(self.info.num_classes) and "guidance" in inspect.signature(self.method.sample).parameters
+
+    def _guidance(self, guidance, labels: Optional[Tensor]) -> float:
+        if not self.accepts_guidance:
+            why = ("it is unconditional" if not self.info.num_classes
+                   else f"{self.config.method} sampling has no guidance option")
+            raise JumpflowError(f"this model takes no guidance ({why}); leave guidance out")
+        if labels is None:
+            raise JumpflowError("guidance steers towards a class: give one (cls=...)")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise JumpflowError(f"guidance must be a finite number, got {guidance!r}")
+        return float(guidance)
+
+    def step_rule(self) -> Tuple[Optional[int], bool]:
+        """(the most sampling steps the method was trained for, None = any; whether they must be powers of two)."""
+        limit, power_of_two = type(self.method).max_sample_steps, False
+        if hasattr(self.method, "check_shortcut_steps"):  # shortcut models: d = 1/K with K a power of two
+            limit, power_of_two = self.method.config.max_resolution, True
+        return limit, power_of_two
+
+    def supported_steps(self) -> List[int]:
+        """1, 2, 4, ... up to the method's limit (STEP_COUNT_CAP when it has none), plus its default count."""
+        limit, power_of_two = self.step_rule()
+        cap = limit if limit is not None else STEP_COUNT_CAP
+        steps = [2 ** i for i in range(cap.bit_length()) if 2 ** i <= cap]
+        default = self.method.default_sample_steps
+        if default not in steps and (limit is None or default <= limit) and not power_of_two:
+            steps.append(default)
+        return sorted(steps)
+
+    def describe(self) -> Dict[str, Any]:
+        """What this model is and how it samples, as plain JSON-able values."""
+        from . import __version__
+
+        cls = type(self.method)
+        steps = self.supported_steps()
+        limit, power_of_two = self.step_rule()
+        return {
+            "method": self.config.method, "kind": cls.kind, "paper": cls.paper,
+            "summary": (cls.__doc__ or "").strip().split("\n")[0],
+            "data": {"name": self.info.name, "kind": self.info.kind, "shape": list(self.info.shape)},
+            "num_classes": self.info.num_classes, "classes": list(range(self.info.num_classes)),
+            "steps": steps, "nfe": [self.method.nfe(k) for k in steps], "default_steps": cls.default_sample_steps,
+            "max_steps": limit, "power_of_two_steps": power_of_two,
+            "guidance": self.accepts_guidance,
+            "backbone": self.config.backbone or nets.default_backbone(self.info.shape),
+            "parameters": sum(p.numel() for p in self.net.parameters()),
+            "training_step": self.step, "train_seconds": round(self.train_seconds, 3),
+            "jumpflow_version": __version__,
+        }
+
+    # --- pictures -------------------------------------------------------------------------------------------------
+    def to_image(self, samples: Tensor, title: str = ""):
+        """A PIL image of samples from `generate`: a grid for images, a scatter plot for vectors."""
+        from .plots import samples_image
+
+        return samples_image(self._checked_samples(samples), title)
+
+    def save_png(self, samples: Tensor, path: Union[str, Path], title: str = "") -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.to_image(samples, title).save(path, format="PNG")
+        return path
+
+    def _checked_samples(self, samples) -> Tensor:
+        samples = torch.as_tensor(samples).detach().float().cpu()
+        if tuple(samples.shape[1:]) != self.info.shape or samples.shape[0] < 1:
+            expected = ", ".join(map(str, self.info.shape))
+            raise JumpflowError(f"samples have shape {tuple(samples.shape)}, expected (N, {expected})")
+        return samples
+
+    # --- sharing --------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write config.json, model.safetensors (EMA weights, scaler) and a model card README.md (see jumpflow.hub)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, directory, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: Optional[str] = None, revision: Optional[str] = None) -> str:
+        """Upload the save_pretrained files to a Hugging Face model repo (created if missing); returns its URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
+                           revision=revision)
+
+
+def assemble(cfg: TrainConfig, info: DataInfo, scaler: Standardizer, step: int, train_seconds: float,
+             device: str, source: Path, restore) -> LoadedModel:
+    """Build the method of `cfg` and let `restore(method)` load its weights (raising RuntimeError/KeyError/ValueError
+    on a mismatch), then move it to `device` in eval mode."""
+    method = build_method(cfg, info)
+    try:
+        restore(method)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise JumpflowError(f"{source} does not match its own config: {e}") from e
+    dev = resolve_device(device)
+    model = LoadedModel(method.to(dev).eval(), info, cfg, scaler, int(step), dev)
+    model.train_seconds = float(train_seconds)  # training time that led to these weights
+    model.source = Path(source)
+    return model
+
 
 def load(path: Union[str, Path], device: str = "auto") -> LoadedModel:
-    """Load a checkpoint file or a run directory (latest checkpoint) with its EMA weights."""
+    """Load a checkpoint file, a run directory (latest checkpoint) or an exported directory (`save_pretrained`'s
+    Hub layout, or a diffusers export) with its EMA weights."""
+    from . import hub
+
+    if hub.looks_like_export(path):
+        return hub.load_export(path, device)
+    if Path(path).name == hub.WEIGHTS_FILE and hub.looks_like_export(Path(path).parent):  # DIR/model.safetensors
+        return hub.load_export(Path(path).parent, device)
     ckpt = resolve_checkpoint(path)
     tensors, metadata = load_checkpoint(ckpt)
     try:
@@ -146,17 +281,22 @@ def load(path: Union[str, Path], device: str = "auto") -> LoadedModel:
         info = DataInfo.from_dict(json.loads(metadata["data"]))
     except (KeyError, ValueError) as e:
         raise JumpflowError(f"checkpoint {ckpt} has missing or unreadable metadata: {e}") from e
-    method = build_method(cfg, info)
-    try:
+
+    def restore(method) -> None:
         method.load_state_dict(split_prefix(tensors, "model"))
         method.net.load_state_dict(split_prefix(tensors, "ema"))  # sample with the EMA weights
-    except RuntimeError as e:
-        raise JumpflowError(f"checkpoint {ckpt} does not match its own config: {e}") from e
-    dev = resolve_device(device)
-    model = LoadedModel(method.to(dev).eval(), info, cfg, Standardizer.from_tensors(tensors), int(metadata["step"]),
-                        dev)
-    model.train_seconds = float(metadata.get("train_seconds", 0.0))  # training time that led to these weights
-    return model
+
+    return assemble(cfg, info, Standardizer.from_tensors(tensors), int(metadata["step"]),
+                    float(metadata.get("train_seconds", 0.0)), device, ckpt, restore)
+
+
+def from_pretrained(name_or_path: Union[str, Path], device: str = "auto", revision: Optional[str] = None,
+                    token: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None) -> LoadedModel:
+    """A local directory (or checkpoint, run directory), read offline, or a Hugging Face repo id ("owner/name"),
+    downloaded through huggingface_hub (`pip install 'jumpflow[hub]'`)."""
+    from .hub import from_pretrained as hub_from_pretrained
+
+    return hub_from_pretrained(name_or_path, device=device, revision=revision, token=token, cache_dir=cache_dir)
 
 
 def sample(ckpt: Union[str, Path], n: int, steps: Optional[int] = None, seed: Optional[int] = None,

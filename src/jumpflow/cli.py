@@ -145,6 +145,30 @@ def _demo(args) -> None:
     run_demo(out=args.out, steps=args.steps, data=args.data)
 
 
+def _export(args) -> None:
+    from . import api
+
+    model = api.load(args.ckpt)
+    if args.format == "diffusers":
+        from .diffusers_export import export_diffusers
+
+        out = export_diffusers(model, args.out, overwrite=args.overwrite)
+        print(f"wrote a diffusers pipeline of {model.config.method} (step {model.step}) to {out}; load it with "
+              f"JumpflowPipeline.from_pretrained({str(out)!r}) from jumpflow.diffusers_export")
+        return
+    out = model.save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"wrote {model.config.method} (step {model.step}) to {out}: config.json, model.safetensors, README.md; "
+          f"load it with jumpflow.from_pretrained({str(out)!r})")
+
+
+def _serve(args) -> None:
+    from .serve import run_server  # starlette/uvicorn load only here; a missing extra is a clear error
+
+    run_server(args.ckpt, args.teacher, host=args.host, port=args.port, max_n=args.max_n,
+               batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, max_queue=args.max_queue,
+               batching=not args.no_batching)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jumpflow", description="Train, sample and evaluate one-step generative models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,6 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps per method")
     d.add_argument("--data", default="checkerboard")
     d.set_defaults(func=_demo)
+
+    ex = sub.add_parser("export", help="write a shareable model folder (Hugging Face Hub layout or diffusers)")
+    ex.add_argument("--ckpt", required=True, help="checkpoint file, run directory (its latest checkpoint) or export")
+    ex.add_argument("--out", required=True, help="directory to write (a previous export there is replaced)")
+    ex.add_argument("--format", choices=("hub", "diffusers"), default="hub",
+                    help="hub: config.json + model.safetensors + model card (default); diffusers: a diffusers pipeline "
+                         "folder (pip install 'jumpflow[diffusers]')")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty directory that is not an export")
+    ex.set_defaults(func=_export)
+
+    sv = sub.add_parser("serve", help="a live web page and HTTP API for a model (pip install 'jumpflow[serve]')")
+    sv.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its latest checkpoint)")
+    sv.add_argument("--teacher", help="a multi-step run to compare with at 100 steps (same data)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--max-n", type=int, default=1024, help="most samples one request may ask for")
+    sv.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a request waits to share a "
+                                                                        "forward pass with others (default 5)")
+    sv.add_argument("--max-batch", type=int, default=4096, help="most samples in one forward pass")
+    sv.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more are refused with 503")
+    sv.add_argument("--no-batching", action="store_true", help="one forward pass per request (for benchmarks)")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -29,17 +29,15 @@ def image_grid(images: Tensor, nrow: Optional[int] = None, pad: int = 1) -> Imag
     return Image.fromarray(array[..., 0] if c == 1 else array[..., :3], mode="L" if c == 1 else "RGB")
 
 
-def save_panels(path: Path, panels: Sequence[Panel], title: str = "", limits: Optional[float] = None,
-                columns: Optional[int] = None) -> Path:
-    """Panels in rows of `columns` (default: one row): scatter plots (first two coordinates) for vectors, image grids
-    for images."""
+def panels_figure(panels: Sequence[Panel], title: str = "", limits: Optional[float] = None,
+                  columns: Optional[int] = None):
+    """A matplotlib figure of panels in rows of `columns` (default: one row): scatter plots (first two coordinates)
+    for vectors, a histogram for 1-D data, image grids for images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     is_image = panels[0][1].dim() == 4
     columns = min(columns or len(panels), len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -68,9 +66,38 @@ def save_panels(path: Path, panels: Sequence[Panel], title: str = "", limits: Op
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def save_panels(path: Path, panels: Sequence[Panel], title: str = "", limits: Optional[float] = None,
+                columns: Optional[int] = None) -> Path:
+    """Panels in rows of `columns` (default: one row): scatter plots (first two coordinates) for vectors, image grids
+    for images."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = panels_figure(panels, title, limits, columns)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def samples_image(samples: Tensor, title: str = "") -> Image.Image:
+    """A single picture of samples as a PIL image: the image grid for images (one pixel per pixel, 1-pixel white
+    borders), a scatter plot of the first two coordinates for vectors (a histogram for 1-D data)."""
+    if samples.dim() == 4:
+        return image_grid(samples)
+    if samples.dim() != 2:
+        raise ValueError(f"samples must be (N, D) vectors or (N, C, H, W) images, got shape {tuple(samples.shape)}")
+    import matplotlib.pyplot as plt
+
+    fig = panels_figure([(title or f"{samples.shape[0]} samples", samples)])
+    fig.set_dpi(110)
+    fig.canvas.draw()  # Agg renders into an RGBA buffer: no file round trip
+    picture = Image.fromarray(np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+    plt.close(fig)
+    return picture
 
 
 def save_samples(path: Path, samples: Tensor) -> Path:
@@ -83,4 +110,4 @@ def save_samples(path: Path, samples: Tensor) -> Path:
     return save_panels(path, [("samples", samples)])
 
 
-__all__: List[str] = ["image_grid", "save_panels", "save_samples"]
+__all__: List[str] = ["image_grid", "panels_figure", "save_panels", "samples_image", "save_samples"]
