@@ -172,3 +172,55 @@ def test_a_consistency_model_is_refused_as_a_teacher(trained_teacher_run):
     run = tiny_run("ect", trained_teacher_run.parent / "ect", 2)
     with pytest.raises(JumpflowError, match=r"'ect'.*flow_matching.*meanflow"):
         Teacher.from_checkpoint(run, device="cpu")
+
+
+def labelled_teacher(**options) -> Teacher:
+    """v(z, t, c) = z + c (c = 2 is the null label's index: the 'unconditional' field is z + 2)."""
+    return Teacher.from_velocity(lambda z, t, labels: z + labels[:, None].to(z.dtype), (2,), num_classes=2,
+                                 teacher_id="labelled", **options)
+
+
+def test_a_guided_teacher_extrapolates_from_the_null_label_to_the_class():
+    teacher, z = labelled_teacher(), torch.randn(6, 2)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    guided = teacher.guided(3.0)
+    # v_null + w (v_c - v_null) = (z + 2) + 3 (c - 2)
+    expected = z + 2 + 3 * (labels[:, None].float() - 2)
+    assert torch.allclose(guided.velocity(z, 0.5, labels), expected)
+    assert torch.allclose(teacher.velocity(z, 0.5, labels), z + labels[:, None].float())  # the original is unchanged
+    assert guided.id == "labelled-cfg3" and teacher.id == "labelled"
+    assert teacher.guided(1.0) is teacher  # w = 1 is the teacher itself
+    with pytest.raises(JumpflowError, match="needs labels"):
+        guided.velocity(z, 0.5, None)
+
+
+@pytest.mark.parametrize("teacher, scale, match", [
+    (exact_teacher(teacher_id="x"), 2.0, "unconditional"),
+    (labelled_teacher(), -1.0, ">= 0"), (labelled_teacher(), float("nan"), ">= 0"), (labelled_teacher(), True, ">= 0"),
+])
+def test_guidance_a_teacher_cannot_take_is_a_clear_error(teacher, scale, match):
+    with pytest.raises(JumpflowError, match=match):
+        teacher.guided(scale)
+
+
+def test_a_pair_student_with_teacher_guidance_trains_on_the_guided_pairs_in_their_own_cache(tmp_path):
+    from jumpflow import methods
+    from tests.methods.toy_training import toy_net
+
+    def attached(**options):
+        method = methods.get("reflow", toy_net(), (2,), num_classes=2, pairs=64, teacher_steps=4,
+                             init_from_teacher=False, **options)
+        method.attach_teacher(labelled_teacher(), tmp_path)
+        return method
+
+    plain = attached(pair_cache=str(tmp_path / "plain"))
+    guided = attached(pair_cache=str(tmp_path / "guided"), teacher_guidance=3.0)
+    (noise_p, sample_p, labels_p), (noise_g, sample_g, labels_g) = plain._pairs, guided._pairs
+    assert torch.equal(noise_p, noise_g) and torch.equal(labels_p, labels_g)  # same seed: same noise and classes
+    expected = labelled_teacher().guided(3.0).sample(noise_g, 4, labels_g)
+    assert torch.allclose(sample_g, expected) and not torch.allclose(sample_g, sample_p)
+    assert guided.teacher.id == "labelled-cfg3"
+    with pytest.raises(JumpflowError, match="other settings: teacher_id"):  # one cache, one teacher
+        attached(pair_cache=str(tmp_path / "plain"), teacher_guidance=3.0)
+    with pytest.raises(JumpflowError, match="teacher_guidance"):
+        methods.get("reflow", toy_net(), (2,), teacher_guidance=-2.0)

@@ -139,7 +139,8 @@ def distillation_setup(config: Dict[str, Any], dataset: str, method: str, out: P
     config["teacher"] = str(list_checkpoints(out / dataset / teacher / "run")[final[0]["train_step"]])
     options = methods.METHODS[method].Config(**config["method_options"])
     if hasattr(options, "pair_cache"):
-        name = f"{teacher}-{options.teacher_solver}{options.teacher_steps}-seed{options.pair_seed}"
+        guidance = f"-cfg{options.teacher_guidance:g}" if options.teacher_guidance not in (None, 1) else ""
+        name = f"{teacher}{guidance}-{options.teacher_solver}{options.teacher_steps}-seed{options.pair_seed}"
         config["method_options"]["pair_cache"] = str(out / dataset / "pairs" / name)
     return {"teacher_seconds": final[0]["train_seconds"]}
 

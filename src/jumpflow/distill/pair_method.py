@@ -34,6 +34,9 @@ class PairConfig:
     pair_seed: int = 0  # seed of the pairs' noise (and labels): part of the cache's identity
     pair_cache: str = ""  # a folder for the cache; "" = jumpflow's cache folder, keyed by teacher and settings
     init_from_teacher: bool = True  # start the student from the teacher's weights when the backbones match
+    # Classifier-free guidance scale of a class-conditional teacher's pairs (InstaFlow's teacher samples with
+    # guidance); None = the teacher as trained. Part of the cache's identity.
+    teacher_guidance: Optional[float] = None
 
     def check_pairs(self) -> None:
         for name in ("pairs", "teacher_steps"):
@@ -41,6 +44,9 @@ class PairConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise JumpflowError(f"{name} must be a positive integer, got {value!r}")
         check_solver(self.teacher_solver)
+        w = self.teacher_guidance
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")):
+            raise JumpflowError(f"teacher_guidance must be None or a finite number >= 0, got {w!r}")
 
 
 class PairDistillation(Method):
@@ -50,8 +56,10 @@ class PairDistillation(Method):
     needs_teacher = True
 
     def attach_teacher(self, teacher, workspace: Path) -> None:
-        super().attach_teacher(teacher, workspace)
         cfg = self.config
+        if cfg.teacher_guidance is not None:
+            teacher = teacher.guided(cfg.teacher_guidance)
+        super().attach_teacher(teacher, workspace)
         folder = Path(cfg.pair_cache) if cfg.pair_cache else self.default_cache(teacher, cfg)
         started = time.perf_counter()
         cache = generate_pairs(teacher, folder, cfg.pairs, cfg.teacher_steps, solver=cfg.teacher_solver,
@@ -69,7 +77,9 @@ class PairDistillation(Method):
         """One folder per teacher and ODE setting (a cache refuses other settings), shared by all its students."""
         if not teacher.id:
             raise JumpflowError("this teacher has no id: give the pair cache a folder (pair_cache=...)")
-        name = f"{teacher.id.replace('sha256:', '')[:16]}-{cfg.teacher_solver}{cfg.teacher_steps}-seed{cfg.pair_seed}"
+        guidance = f"-cfg{cfg.teacher_guidance:g}" if cfg.teacher_guidance not in (None, 1) else ""
+        name = (f"{teacher.id.replace('sha256:', '')[:16]}{guidance}-{cfg.teacher_solver}{cfg.teacher_steps}"
+                f"-seed{cfg.pair_seed}")
         return cache_dir("pairs", name)
 
     def start_from(self, teacher) -> None:

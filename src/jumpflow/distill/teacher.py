@@ -102,6 +102,34 @@ class Teacher:
         """Wrap an exact velocity callable (z, t, labels) -> v; `teacher_id` names it for a pair cache."""
         return cls(velocity_fn, shape, num_classes, solver=solver, device=device, teacher_id=teacher_id)
 
+    def guided(self, guidance: float) -> "Teacher":
+        """This teacher with classifier-free guidance (Ho & Salimans 2022): v = v_null + w (v_class - v_null), the
+        null label being index num_classes (the label jumpflow's class dropout trains). Its id records the scale,
+        so its pairs never mix with the unguided teacher's. w = 1 is the teacher itself."""
+        if not self.num_classes:
+            raise JumpflowError("teacher guidance needs a class-conditional teacher (trained with "
+                                "class_conditional=true); this one is unconditional")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0 \
+                or guidance == float("inf"):
+            raise JumpflowError(f"teacher guidance must be a finite number >= 0, got {guidance!r}")
+        if guidance == 1:
+            return self
+        conditional, null_label = self.velocity_fn, self.num_classes
+
+        def velocity(z: Tensor, t: Tensor, labels: Optional[Tensor]) -> Tensor:
+            if labels is None:
+                raise JumpflowError("a guided teacher needs labels: guidance steers toward a class")
+            both = conditional(torch.cat([z, z]), torch.cat([t, t]),
+                               torch.cat([labels, torch.full_like(labels, null_label)]))
+            cond, uncond = both.chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        guided = Teacher.__new__(Teacher)
+        guided.__dict__.update(self.__dict__)
+        guided.velocity_fn = velocity
+        guided.id = f"{self.id}-cfg{float(guidance):g}" if self.id else None
+        return guided
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """The frozen network's parameters (none for an exact velocity)."""
         return iter(()) if self.net is None else self.net.parameters()
