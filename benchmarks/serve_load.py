@@ -146,7 +146,8 @@ def main() -> None:
             finally:
                 server.stop()
     print(f"\n`jumpflow serve` load test: {args.clients} clients x {args.seconds:g} s per row, n={args.n} samples per "
-          f"request, {args.format} responses, model {ckpt if args.ckpt else 'meanflow on ' + args.data + ' (throwaway)'}")
+          f"request, {args.format} responses, "
+          f"model {ckpt if args.ckpt else 'meanflow on ' + args.data + ' (throwaway)'}")
     print(f"machine: {machine(args.threads)}\n")
     print("| steps | micro-batching | requests/s | p50 ms | p99 ms | samples/s | requests per forward | errors |")
     print("|---|---|---|---|---|---|---|---|")

@@ -67,7 +67,8 @@ def test_methods_json_lists_both_methods_with_their_papers(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--method", "nope", "--out", "{tmp}/a"], "valid methods: align_your_flow, consistency_distillation, dmd2, ect, "),
+    (["train", "--method", "nope", "--out", "{tmp}/a"],
+     "valid methods: align_your_flow, consistency_distillation, dmd2, ect, "),
     (["train", "--data", "nope", "--out", "{tmp}/a"], "valid datasets"),
     (["train", "--backbone", "resnet", "--out", "{tmp}/a", "--steps", "1"], "valid backbones"),
     (["train", "--out", "{tmp}/a", "lr"], "not key=value"),

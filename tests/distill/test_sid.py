@@ -164,9 +164,10 @@ def test_alpha_one_half_gives_the_whole_fisher_divergence_gradient():
     assert exact.norm() > 0.3 and (ours - exact).norm() < 0.01 * exact.norm(), (ours, exact)  # measured 3e-4
 
 
-def test_descent_with_an_exact_fake_score_reaches_the_data_distribution():
+@pytest.mark.parametrize("name", ["sid", "sim"])  # SIM shares SiD's generator and noise levels
+def test_descent_with_an_exact_fake_score_reaches_the_data_distribution(name):
     torch.manual_seed(0)
-    method = affine_method(NAME, torch.zeros(2, dtype=torch.float64), 1.0)
+    method = affine_method(name, torch.zeros(2, dtype=torch.float64), 1.0)
     optimizer = torch.optim.Adam(method.net.parameters(), lr=0.02)
     for _ in range(300):
         method.fake_net = ExactGaussian(method.net.m.detach(), method.net.a.item())

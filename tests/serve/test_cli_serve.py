@@ -40,6 +40,7 @@ def test_a_missing_web_extra_names_the_install_command(monkeypatch, capsys):
     import jumpflow.serve as serve
 
     real = serve.importlib.util.find_spec
-    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    monkeypatch.setattr(serve.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvicorn" else real(name, *a))
     assert main(["serve", "--ckpt", "anything"]) == 2
     assert "pip install 'jumpflow[serve]'" in capsys.readouterr().err
