@@ -24,9 +24,10 @@ Sampling: z_r = z_t - (t - r) u(z_t, t, r, omega, t_min, t_max, y) on a uniform 
 Where jumpflow differs from the paper, on purpose:
 - The paper's net sees only h = t - r ("is noise conditioning necessary?"); jumpflow's backbones embed both t and
   h = t - s, and we keep that.
-- The paper feeds class, time, omega and interval as in-context tokens of a transformer with 8-block u/v heads; that
-  needs a transformer backbone, which jumpflow does not have yet. Here they are summed into the backbone's
-  conditioning vector (adaptive norm), and the two heads share everything but the output layer.
+- The paper feeds class, time, omega and interval as in-context tokens of a transformer with 8-block u/v heads. With
+  `backbone="dit"` and `backbone_options={"in_context_tokens": k}` (and `"adaln": False` for tokens alone) the same
+  conditions are given as tokens; the MLP and UNet sum them into the conditioning vector (adaptive norm). On every
+  backbone the two heads share everything but the output layer.
 - Unconditional data (num_classes == 0, or labels None): there is nothing to guide, so omega is fixed at 1 (input
   0), the interval at (0, 1), v_g = eps - x and the tangent is the v-head's own velocity; sampling refuses guidance.
 - Dropped labels: the official code takes the JVP tangent from the true label even when the u-head sees the null
