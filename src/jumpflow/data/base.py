@@ -20,6 +20,7 @@ class Dataset:
     kind: str = "vector"  # "vector" (N, D) or "image" (N, C, H, W) in [-1, 1]
     shape: Tuple[int, ...] = ()
     num_classes: int = 0  # 0: unlabelled
+    hflip: bool = False  # images only: each training draw is mirrored left-right with probability 1/2 (see load)
 
     def sample_batch(self, n: int, generator: torch.Generator) -> Batch:
         raise NotImplementedError
@@ -79,7 +80,11 @@ class TensorDataset(Dataset):
     def sample_batch(self, n: int, generator: torch.Generator) -> Batch:
         idx = torch.randint(0, self.train.shape[0], (n,), generator=generator)
         labels = self.train_labels[idx] if self.train_labels is not None else None
-        return self.train[idx], labels
+        x = self.train[idx]
+        if self.hflip:  # drawn after the indices, so runs without flips keep their data stream unchanged
+            flip = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, labels
 
     def reference(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         return self.test[:n]
