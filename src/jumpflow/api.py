@@ -20,8 +20,9 @@ from .errors import JumpflowError
 from .train import Trainer
 
 
+# grad_accum stays out: it changes the run's random streams. The speed switches change only speed and rounding.
 RESUMABLE_FIELDS = ("steps", "time_limit_s", "progress", "log_every", "sample_every", "checkpoint_every",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "compile", "channels_last", "precision")
 
 
 def train(config: Union[TrainConfig, Dict[str, Any], None], out: Union[str, Path], resume: bool = False,
@@ -37,7 +38,7 @@ def train(config: Union[TrainConfig, Dict[str, Any], None], out: Union[str, Path
     else:
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config or {}))
     trainer = Trainer(cfg, out, resume=resume)
-    if resume:
+    if resume and trainer.is_main:  # under torchrun only rank 0 writes
         cfg.save(out / "config.yaml")
     trainer.fit(stop_after=stop_after)
     return latest_checkpoint(out) or out

@@ -4,8 +4,10 @@ Layout of `runs/NAME/checkpoints/step_N.safetensors`:
   tensors   model.*  (the method module: student + auxiliary nets)   ema.*  (EMA copy of the student)
             optim.<param index>.<state key>                          rng.torch, rng.data, rng.cuda.<i>
             scaler.mean / scaler.std (vector data standardisation, when used)
+            rng.shard.<j>.torch / .cuda (one random stream per micro-batch slot j of the global batch, when a step
+            has several: world size x grad_accum > 1; rank 0 gathers them from all ranks)
   metadata  format, step, config (JSON of TrainConfig), data (shape, kind, num_classes, name),
-            optim_groups (JSON of the optimizer's param_groups)
+            optim_groups (JSON of the optimizer's param_groups), rng_shards (slots per step; absent = 1)
 A checkpoint alone is enough to sample: it carries its config.
 """
 

@@ -18,6 +18,7 @@ from .errors import JumpflowError
 def _train(args) -> None:
     from . import api, methods
     from .config import TrainConfig, apply_overrides, parse_overrides
+    from .distributed import is_main_process
     from .presets import get_preset
 
     flags = {"method": args.method, "data": args.data, "steps": args.steps, "backbone": args.backbone,
@@ -28,7 +29,8 @@ def _train(args) -> None:
     overrides = parse_overrides(args.overrides)
     if args.resume:  # only what the user typed; the run's saved config supplies the rest
         ckpt = api.train({**given, **overrides}, args.out, resume=True)
-        print(f"run {args.out} resumed; latest checkpoint: {ckpt}")
+        if is_main_process():  # under torchrun, one line rather than one per process
+            print(f"run {args.out} resumed; latest checkpoint: {ckpt}")
         return
     values = TrainConfig().to_dict()
     if args.preset:
@@ -37,7 +39,8 @@ def _train(args) -> None:
     method_fields = [f.name for f in dataclasses.fields(methods.METHODS[values["method"]].Config)]
     cfg = TrainConfig.from_dict(apply_overrides(values, overrides, method_fields))
     ckpt = api.train(cfg, args.out)
-    print(f"run written to {args.out}; final checkpoint: {ckpt}")
+    if is_main_process():
+        print(f"run written to {args.out}; final checkpoint: {ckpt}")
 
 
 def _distill(args) -> None:

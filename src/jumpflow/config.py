@@ -52,7 +52,13 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; JVPs always run in fp32, so MeanFlow's forward does too)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast; JVPs always run in fp32, so MeanFlow's forward does too) or
+    #                          "auto" (bf16 on a CUDA device that supports it, else fp32)
+    # Speed switches. None changes what a run computes beyond float rounding; "auto" means "on when the device is CUDA".
+    grad_accum: int = 1  # micro-batches per step on each process: batch_size is the GLOBAL batch, split over
+    #                      processes x grad_accum equal micro-batches (it must divide); gradients are their mean
+    compile: Any = False  # True/False/"auto": torch.compile the student backbone's forward (state_dict keys unchanged)
+    channels_last: Any = False  # True/False/"auto": channels-last memory for image backbones and batches
     log_every: int = 50
     sample_every: int = 1000  # 0: only at the end
     sample_steps: List[int] = field(default_factory=lambda: [1, 2])
@@ -76,14 +82,33 @@ class TrainConfig:
             raise JumpflowError(f"time_limit_s must be a number >= 0 (0: no limit), got {self.time_limit_s!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise JumpflowError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise JumpflowError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise JumpflowError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
+            raise JumpflowError(f"grad_accum must be a positive integer, got {self.grad_accum!r}")
+        for name in ("compile", "channels_last"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise JumpflowError(f"{name} must be true, false or auto, got {getattr(self, name)!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise JumpflowError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.normalize not in ("auto", "standard", "none"):
             raise JumpflowError(f"normalize must be auto, standard or none, got {self.normalize!r}")
         if not self.sample_steps or any(not isinstance(k, int) or k < 1 for k in self.sample_steps):
             raise JumpflowError(f"sample_steps must be a list of positive integers, got {self.sample_steps!r}")
+
+    def switch_on(self, name: str, device_type: str) -> bool:
+        """Resolve a speed switch (`compile`, `channels_last`): "auto" is on for CUDA only."""
+        value = getattr(self, name)
+        return device_type == "cuda" if value == "auto" else bool(value)
+
+    def autocast_dtype(self, device_type: str) -> Optional[Any]:
+        """torch.bfloat16 when this run autocasts on `device_type`, else None ("auto": bf16 where CUDA supports it)."""
+        import torch
+
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return torch.bfloat16 if precision == "bf16" else None
 
     def save(self, path) -> None:
         with open(path, "w") as f:

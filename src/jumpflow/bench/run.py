@@ -52,12 +52,17 @@ def sample_steps_for(spec: BenchSpec, method: str) -> List[int]:
     return wanted or [min(methods.METHODS[method].bench_steps)]
 
 
+# TrainConfig fields added after bench folders held finished cells: at these values a field leaves the key, so
+# those cells keep their keys (a from-scratch cell has no teacher; the speed switches are off by default).
+KEY_DEFAULTS = {"teacher": None, "grad_accum": 1, "compile": False, "channels_last": False}
+
+
 def cell_key(config: Dict[str, Any], spec: BenchSpec, steps: List[int]) -> str:
-    """What a cell's results depend on (not how it was displayed): a changed setting means a different cell.
-    (A from-scratch cell's key leaves out its empty teacher, so cells scored before distillation existed stay.)"""
+    """What a cell's results depend on (not how it was displayed): a changed setting means a different cell."""
     relevant = {k: v for k, v in within_grid(config).items() if k not in ("progress", "log_every")}
-    if relevant.get("teacher") is None:
-        relevant.pop("teacher", None)
+    for name, default in KEY_DEFAULTS.items():
+        if name in relevant and relevant[name] == default:
+            del relevant[name]
     relevant.update(n_eval=spec.n_eval, sample_steps=steps)
     if spec.inception_fid:
         relevant["inception_fid"] = True
