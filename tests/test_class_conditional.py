@@ -71,3 +71,18 @@ def test_guidance_without_a_class_is_an_error(model):
     # guidance steers towards a class: without one it is refused, not silently ignored
     with pytest.raises(jumpflow.JumpflowError, match="give one"):
         model.generate(4, steps=2, guidance=2.0)
+
+
+def test_cli_samples_a_class_with_guidance_as_the_python_api_does(model, tmp_path, capsys):
+    import numpy as np
+
+    from jumpflow.cli import main
+
+    out = tmp_path / "guided.npy"
+    args = ["sample", "--ckpt", str(model.source), "--n", "6", "--steps", "4", "--seed", "2", "--out", str(out)]
+    assert main(args + ["--class", "3", "--guidance", "3"]) == 0
+    expected = model.generate(6, steps=4, seed=2, cls=3, guidance=3.0)
+    assert torch.allclose(torch.from_numpy(np.load(out)), expected)
+    assert not torch.allclose(expected, model.generate(6, steps=4, seed=2, cls=3))  # the scale was applied
+    assert main(args + ["--guidance", "3"]) == 2  # no class to steer toward
+    assert "give one" in capsys.readouterr().err

@@ -69,9 +69,10 @@ def _sample(args) -> None:
     noise = _read_array(args.noise, "noise") if args.noise else None
     if noise is None and (args.n is None or args.n < 1):
         raise JumpflowError("give --n N (a positive integer) or --noise FILE.npy")
+    seed = args.seed if args.seed is not None else 0
     if noise is None:
-        noise = model.noise(args.n, args.seed if args.seed is not None else 0)
-    samples = model.generate(noise=noise, steps=args.steps, cls=args.cls)
+        noise = model.noise(args.n, seed)
+    samples = model.generate(noise=noise, steps=args.steps, cls=args.cls, guidance=args.guidance, seed=seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed for the starting noise (default 0)")
     s.add_argument("--noise", help="a .npy of starting noise (N, *shape) to use instead of drawing it")
     s.add_argument("--class", dest="cls", type=int, help="class label for a class-conditional model")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (methods that take one, with --class)")
     s.add_argument("--out", required=True, help=".npy (samples), .npz (samples + noise) or .png (picture)")
     s.set_defaults(func=_sample)
 
