@@ -9,12 +9,25 @@ Differentiating (t - r) u = int_r^t v in t gives the MeanFlow identity
 
 and training regresses u_theta on the stop-gradient right-hand side, with d/dt u from one forward-mode JVP along the
 tangent (v, dt = 1, dr = 0). In jumpflow's backbone signature net(z, t, s) the jump target time s is MeanFlow's r.
+
+Classifier-free guidance folded into training (same paper and its official ImageNet code; METHODS.md A2): for a
+labelled sample with t in [guidance_t_start, guidance_t_end], v is replaced, in the JVP tangent and in the target
+alike, by the guided field
+
+    v_tilde = omega v + (1 - omega - kappa) u(z_t, t, t, null) + kappa u(z_t, t, t, c),
+
+the two network evaluations being the model's own instantaneous velocity (s = t), without gradients. At the fixed
+point u(z_t, t, t, c) = E[v_tilde | z_t, c] = omega v_c + (1 - omega - kappa) v_uncond + kappa u(z_t, t, t, c), so the
+conditional velocity becomes the CFG field of scale omega' = omega / (1 - kappa) (the paper's effective scale):
+sampling stays 1 NFE and unguided (MeanFlow.sample takes no guidance), guidance lives in the weights. omega = 1,
+kappa = 0 (the defaults) is plain MeanFlow, bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,14 +57,43 @@ def adaptive_weighted(delta: Tensor, power: float, eps: float) -> Tensor:
     return delta / (delta.detach() + eps).pow(power)
 
 
+def guided_field(v: Tensor, v_uncond: Tensor, v_cond: Union[Tensor, float], omega: float, kappa: float) -> Tensor:
+    """MeanFlow's training-time CFG field v_tilde = omega v + (1 - omega - kappa) v_uncond + kappa v_cond (Geng et al.
+    2025). With E[v | z_t, c] = v_c and the net's velocities exact, v_cond = v_c and kappa = 0 give the CFG field
+    omega v_c + (1 - omega) v_uncond (tested)."""
+    return omega * v + (1 - omega - kappa) * v_uncond + kappa * v_cond
+
+
+def effective_guidance_scale(omega: float, kappa: float) -> float:
+    """The sampling-time CFG scale a MeanFlow model trained with (omega, kappa) has learned: omega / (1 - kappa)."""
+    return omega / (1 - kappa)
+
+
+def check_guidance_config(cfg) -> None:
+    """omega > 0 (finite), 0 <= kappa < 1 (omega / (1 - kappa) must exist) and 0 <= t_start <= t_end <= 1."""
+    omega, kappa = cfg.guidance_omega, cfg.guidance_kappa
+    if not (isinstance(omega, (int, float)) and math.isfinite(omega) and omega > 0):
+        raise JumpflowError(f"guidance_omega must be a finite number > 0 (1 = no guidance), got {omega!r}")
+    if not (isinstance(kappa, (int, float)) and 0 <= kappa < 1):
+        raise JumpflowError(f"guidance_kappa must lie in [0, 1) (the effective scale is omega / (1 - kappa)), "
+                            f"got {kappa!r}")
+    start, end = cfg.guidance_t_start, cfg.guidance_t_end
+    if not (isinstance(start, (int, float)) and isinstance(end, (int, float)) and 0 <= start <= end <= 1):
+        raise JumpflowError(f"guidance_t_start and guidance_t_end must satisfy 0 <= t_start <= t_end <= 1, got "
+                            f"{start!r} and {end!r}")
+
+
 def check_meanflow_config(cfg) -> None:
-    """The checks every MeanFlow-family config shares: shares in [0, 1] and a valid adaptive weight."""
+    """The checks every MeanFlow-family config shares: shares in [0, 1] and a valid adaptive weight (and valid
+    guidance options, for configs that have them)."""
     for name in ("flow_matching_share", "class_dropout"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise JumpflowError(f"{name} must lie in [0, 1], got {getattr(cfg, name)!r}")
     if not cfg.adaptive_power >= 0 or not cfg.adaptive_eps > 0:
         raise JumpflowError(f"adaptive_power must be >= 0 and adaptive_eps > 0, got {cfg.adaptive_power!r} "
                             f"and {cfg.adaptive_eps!r}")
+    if hasattr(cfg, "guidance_omega"):
+        check_guidance_config(cfg)
 
 
 @dataclass
@@ -68,11 +110,22 @@ class MeanFlowConfig:
     flow_matching_share: float = 0.75  # share of the batch with r = t (paper's best: 25% of r != t)
     adaptive_power: float = 1.0  # p in w = 1 / sg(Delta + eps)^p; 1.0 ImageNet, 0.75 CIFAR-10, 0 = plain L2
     adaptive_eps: float = 0.01  # eps in the adaptive weight (relative to the per-sample *sum* of squares)
-    class_dropout: float = 0.1
+    class_dropout: float = 0.1  # labels replaced by the null label: trains u(z, t, t, null) that guidance needs
     jvp_mode: str = "exact"  # "exact" (torch.func.jvp) or "finite_difference"
+    # CFG folded into training (module docstring): effective sampling scale omega / (1 - kappa); omega = 1, kappa = 0
+    # is off (plain MeanFlow, the default here). METHODS.md A2 records omega = 1.0, kappa = 0.5 in the released ImageNet
+    # config file (effective scale 2 by the formula) and omega ~ 2-3 with an interval for the paper's best runs.
+    guidance_omega: float = 1.0
+    guidance_kappa: float = 0.0
+    guidance_t_start: float = 0.0  # guidance acts for t in [t_start, t_end] only (elsewhere v_tilde = v)
+    guidance_t_end: float = 1.0
 
     def __post_init__(self):
         check_meanflow_config(self)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_omega != 1.0 or self.guidance_kappa != 0.0
 
 
 @register
@@ -83,6 +136,33 @@ class MeanFlow(Method):
     paper = "Geng et al. 2025, Mean Flows for One-step Generative Modeling (arXiv 2505.13447)"
     Config = MeanFlowConfig
     default_sample_steps = 1
+
+    def __init__(self, net, config, shape: tuple, num_classes: int = 0):
+        super().__init__(net, config, shape, num_classes)
+        if getattr(config, "guided", False):
+            if num_classes == 0:
+                raise JumpflowError("guidance_omega / guidance_kappa fold classifier-free guidance into training and "
+                                    "need a class-conditional model (class_conditional=True); this one is "
+                                    "unconditional: leave them at 1.0 / 0.0")
+            if type(self).loss is not MeanFlow.loss:  # a subclass with its own loss would silently ignore them
+                raise JumpflowError(f"{self.name} does not fold guidance into training; guidance_omega / "
+                                    f"guidance_kappa are MeanFlow's options: leave them at 1.0 / 0.0")
+
+    @torch.no_grad()
+    def guided_velocity(self, net, z: Tensor, t: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+        """v_tilde (module docstring) for the labelled samples with t in [t_start, t_end]; v for dropped labels and
+        outside the interval. The net's instantaneous velocities u(z, t, t, .) are evaluated without gradients, in
+        one batched forward when kappa > 0 (null and class), else the null label only."""
+        cfg = self.config
+        null = torch.full_like(labels, self.num_classes)
+        guided = (labels != self.num_classes) & (t >= cfg.guidance_t_start) & (t <= cfg.guidance_t_end)
+        if cfg.guidance_kappa:
+            both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([null, labels]))
+            v_uncond, v_cond = both.to(v.dtype).chunk(2)
+        else:
+            v_uncond, v_cond = net(z, t, t, null).to(v.dtype), 0.0
+        v_tilde = guided_field(v, v_uncond, v_cond, cfg.guidance_omega, cfg.guidance_kappa)
+        return torch.where(expand_time(guided, v), v_tilde, v)
 
     def sample_time_pair(self, n: int, device) -> Tuple[Tensor, Tensor]:
         """(t, r) with r <= t; a `flow_matching_share` of pairs have r = t (pure flow-matching samples)."""
@@ -109,6 +189,8 @@ class MeanFlow(Method):
         refuse_ddp(self.net)
         z, t, r, v = self.training_point(x)
         labels = self.drop_labels(labels, cfg.class_dropout)
+        if cfg.guided and labels is not None:  # off: no extra draw or forward, so the default loss is unchanged
+            v = self.guided_velocity(self.net, z, t, v, labels)  # v_tilde, the JVP tangent and the target alike
 
         def average_velocity(z_, t_, r_):
             return self.net(z_, t_, r_, labels).float()
