@@ -67,12 +67,28 @@ def total_derivative(fn: Callable[..., Tensor], primals: Sequence[Tensor], tange
             with _math_attention():
                 return torch.func.jvp(fn, primals, tangents)
         if mode == "finite_difference":
-            out = fn(*primals)
+            same = _same_random_draws(fn, primals)  # one dropout mask for all three: else the difference is noise
+            out = same(*primals)
             with torch.no_grad():
-                plus = fn(*(p + step * d for p, d in zip(primals, tangents)))
-                minus = fn(*(p - step * d for p, d in zip(primals, tangents)))
+                plus = same(*(p + step * d for p, d in zip(primals, tangents)))
+                minus = same(*(p - step * d for p, d in zip(primals, tangents)))
             return out, (plus - minus) / (2 * step)
     raise JumpflowError(f"unknown jvp mode {mode!r}; valid: {', '.join(JVP_MODES)}")
+
+
+def _same_random_draws(fn: Callable[..., Tensor], primals: Sequence[Tensor]) -> Callable[..., Tensor]:
+    """`fn` that starts every call from the RNG state of now (CPU and the primals' CUDA devices), so random layers
+    (dropout) draw the same values each time; afterwards the RNG has advanced as after one call, as in exact mode."""
+    devices = sorted({p.device.index or 0 for p in primals if p.is_cuda})
+    cpu, cuda = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+    def call(*args):
+        torch.set_rng_state(cpu)
+        for d, state in zip(devices, cuda):
+            torch.cuda.set_rng_state(state, d)
+        return fn(*args)
+
+    return call
 
 
 def jvp_self_check(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Tensor],
@@ -92,10 +108,11 @@ def jvp_self_check(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangent
 
 
 def nonvacuous_copy(net: nn.Module) -> nn.Module:
-    """A trainable copy of `net` for self-checks, its all-zero parameters re-drawn small and random.
+    """A trainable copy of `net` for self-checks, its all-zero parameters re-drawn small and random, in eval mode.
 
-    Backbones start with a zero output layer, which makes every derivative 0 and any JVP check pass vacuously."""
-    probe = copy.deepcopy(net).requires_grad_(True)
+    Backbones start with a zero output layer, which makes every derivative 0 and any JVP check pass vacuously. Eval
+    mode: dropout would give the exact JVP and its finite-difference reference different masks."""
+    probe = copy.deepcopy(net).requires_grad_(True).eval()
     with torch.no_grad():
         for p in probe.parameters():
             if not p.any():
