@@ -68,3 +68,19 @@ def test_guidance_is_one_network_evaluation(model):
         hook.remove()
     assert len(calls) == 1
     assert not torch.allclose(guided, model.generate(4, steps=1, seed=0, cls=3, guidance=1.0, interval=INTERVAL))
+
+
+def test_cli_passes_the_methods_sampling_options(model, tmp_path, capsys):
+    import numpy as np
+
+    from jumpflow.cli import main
+
+    out = tmp_path / "s.npy"
+    args = ["sample", "--ckpt", str(model.source), "--n", "4", "--steps", "1", "--class", "2", "--guidance", "3",
+            "--out", str(out)]
+    assert main(args + ["interval=[0.4, 0.65]"]) == 0
+    expected = model.generate(4, steps=1, seed=0, cls=2, guidance=3.0, interval=(0.4, 0.65))
+    assert torch.allclose(torch.from_numpy(np.load(out)), expected)
+    assert not torch.allclose(expected, model.generate(4, steps=1, seed=0, cls=2, guidance=3.0))  # it mattered
+    assert main(args + ["intervall=[0.4, 0.65]"]) == 2
+    assert "no option intervall; valid: guidance, interval" in capsys.readouterr().err

@@ -140,6 +140,7 @@ class LoadedModel:
             expected = ", ".join(map(str, self.info.shape))
             raise JumpflowError(f"noise has shape {tuple(noise.shape)}, expected (N, {expected})")
         labels = self._labels(cls, noise.shape[0])
+        self._check_options(options)
         if guidance is not None:
             options["guidance"] = self._guidance(guidance, labels)
         steps = steps if steps is not None else self.method.default_sample_steps
@@ -159,6 +160,21 @@ class LoadedModel:
         if labels.min() < 0 or labels.max() >= self.info.num_classes:
             raise JumpflowError(f"class must be in [0, {self.info.num_classes - 1}], got {cls!r}")
         return labels
+
+    def sampling_options(self) -> List[str]:
+        """The method's own sampling options (iMF: guidance, interval), beyond noise, steps, labels and net."""
+        params = inspect.signature(self.method.sample).parameters
+        return [k for k, p in params.items() if k not in ("noise", "steps", "labels", "net")
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def _check_options(self, options: Dict[str, Any]) -> None:
+        params = inspect.signature(self.method.sample).parameters.values()
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            return  # the method checks its own options
+        unknown = sorted(set(options) - set(self.sampling_options()))
+        if unknown:
+            valid = ", ".join(self.sampling_options()) or "none"
+            raise JumpflowError(f"{self.config.method} sampling has no option {', '.join(unknown)}; valid: {valid}")
 
     @property
     def accepts_guidance(self) -> bool:

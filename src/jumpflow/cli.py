@@ -63,6 +63,7 @@ def _distill(args) -> None:
 
 def _sample(args) -> None:
     from . import api
+    from .config import parse_overrides
     from .plots import save_samples
 
     model = api.load(args.ckpt)
@@ -72,7 +73,9 @@ def _sample(args) -> None:
     seed = args.seed if args.seed is not None else 0
     if noise is None:
         noise = model.noise(args.n, seed)
-    samples = model.generate(noise=noise, steps=args.steps, cls=args.cls, guidance=args.guidance, seed=seed)
+    options = parse_overrides(args.options)  # the method's own sampling options (iMF: interval=[0.4,0.65])
+    samples = model.generate(noise=noise, steps=args.steps, cls=args.cls, guidance=args.guidance, seed=seed,
+                             **options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", help="a .npy of starting noise (N, *shape) to use instead of drawing it")
     s.add_argument("--class", dest="cls", type=int, help="class label for a class-conditional model")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (methods that take one, with --class)")
+    s.add_argument("options", nargs="*", metavar="key=value",
+                   help="sampling options of the method, e.g. iMF's guidance interval: interval=[0.4,0.65]")
     s.add_argument("--out", required=True, help=".npy (samples), .npz (samples + noise) or .png (picture)")
     s.set_defaults(func=_sample)
 
@@ -275,11 +280,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     # key=value overrides may sit between flags; argparse only takes one run of positionals, so collect the rest.
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "sample")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
         args.overrides = list(args.overrides) + extra
+    if args.command == "sample":
+        args.options = list(args.options) + extra
     try:
         args.func(args)
     except JumpflowError as e:
