@@ -13,6 +13,7 @@ from jumpflow import methods
 from jumpflow.distill import Teacher
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.consistency import sigma_to_time
+from tests.distill.helpers import exact_gaussian_teacher
 from tests.gaussian import ExactGaussian
 from tests.methods.toy_training import toy_net
 
@@ -21,9 +22,7 @@ MU, STD = torch.tensor([1.5, -1.0], dtype=torch.float64), 0.3
 
 
 def exact_teacher() -> Teacher:
-    field = ExactGaussian(MU, STD)
-    return Teacher.from_velocity(lambda z, t, labels: field.velocity(z.double(), t.double()).to(z.dtype), (2,),
-                                 teacher_id="exact-gaussian-dmd2")
+    return exact_gaussian_teacher(MU, STD, "exact-gaussian-dmd2")
 
 
 class AffineGenerator(torch.nn.Module):

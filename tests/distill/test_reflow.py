@@ -9,6 +9,7 @@ import jumpflow
 from jumpflow import methods
 from jumpflow.distill import Teacher
 from jumpflow.errors import JumpflowError
+from tests.distill.helpers import train_on_pairs
 from tests.gaussian import ExactGaussian
 from tests.methods.toy_training import toy_net
 
@@ -27,15 +28,7 @@ def distilled(name, tmp_path, steps=300, **options):
     """`name` trained for `steps` AdamW steps on the exact teacher's 2048 pairs."""
     torch.manual_seed(0)
     method = methods.get(name, toy_net(), (2,), pairs=2048, pair_cache=str(tmp_path / "pairs"), **HEUN, **options)
-    method.attach_teacher(exact_teacher(), tmp_path)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=3e-3)
-    batch = torch.zeros(256, 2)  # pair methods read only the batch's size and device
-    for _ in range(steps):
-        loss = method.loss(batch, None).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return method
+    return train_on_pairs(method, exact_teacher(), tmp_path, steps)
 
 
 def one_step_error(method, n=2000):

@@ -15,6 +15,7 @@ from jumpflow import methods
 from jumpflow.distill import Teacher
 from jumpflow.errors import JumpflowError
 from jumpflow.methods.consistency import sigma_to_time
+from tests.distill.helpers import exact_gaussian_teacher
 from tests.gaussian import ExactGaussian
 from tests.methods.toy_training import toy_net
 
@@ -24,9 +25,7 @@ T_INIT = 2.5 / 3.5  # the paper's sigma_init = 2.5 in jumpflow's time
 
 
 def exact_teacher() -> Teacher:
-    field = ExactGaussian(MU, STD)
-    return Teacher.from_velocity(lambda z, t, labels: field.velocity(z.double(), t.double()).to(z.dtype), (2,),
-                                 teacher_id="exact-gaussian-sid")
+    return exact_gaussian_teacher(MU, STD, "exact-gaussian-sid")
 
 
 class AffineGenerator(torch.nn.Module):

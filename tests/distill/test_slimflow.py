@@ -11,6 +11,7 @@ from jumpflow import methods, nets
 from jumpflow.distill import Teacher
 from jumpflow.distill.slimflow import annealed_noise, annealing_beta
 from jumpflow.errors import JumpflowError
+from tests.distill.helpers import train_on_pairs
 from tests.gaussian import ExactGaussian
 from tests.methods.toy_training import toy_net
 
@@ -56,15 +57,7 @@ def one_step_error(sample_fn, n=2000):
 
 def train(method, teacher, tmp_path, steps, lr=3e-3):
     torch.manual_seed(0)
-    method.attach_teacher(teacher, tmp_path)
-    optimizer = torch.optim.AdamW(method.net.parameters(), lr=lr)
-    batch = torch.zeros(256, 2)  # pair methods read only the batch's size and device
-    for _ in range(steps):
-        loss = method.loss(batch, None).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return method
+    return train_on_pairs(method, teacher, tmp_path, steps, lr)
 
 
 # --- (a) the annealed noise ---------------------------------------------------------------------------------------
