@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -39,6 +40,10 @@ def _worker(rank: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank))
     for name, options in RUNS.items():
         jumpflow.train(tiny(**options), os.path.join(root, f"{name}2"))
+    from jumpflow.cli import main  # evaluation-scale sampling: each rank draws its share, rank 0 writes all
+    for name in ("fm2", "mf2"):
+        main(["sample", "--ckpt", os.path.join(root, name), "--n", "50", "--steps", "2", "--batch-size", "7",
+              "--out", os.path.join(root, f"{name}-samples.npz")])
     cut = os.path.join(root, "mf2cut")
     jumpflow.train(tiny(**RUNS["mf"]), cut, stop_after=4)  # killed at step 4: last checkpoint is step 3
     jumpflow.train({}, cut, resume=True)
@@ -101,6 +106,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs, name):
     assert {"rng.shard.0.torch", "rng.shard.1.torch"} <= a.keys()  # both ranks' random streams, gathered
 
 
+@pytest.mark.parametrize("name", ["fm2", "mf2"])
+def test_sampling_across_two_processes_equals_one_process(runs, name):
+    from jumpflow.cli import main
+
+    assert main(["sample", "--ckpt", str(runs / name), "--n", "50", "--steps", "2",
+                 "--out", str(runs / f"{name}-one.npz")]) == 0
+    two, one = np.load(runs / f"{name}-samples.npz"), np.load(runs / f"{name}-one.npz")
+    assert two["samples"].shape == (50, 2)
+    assert np.array_equal(two["noise"], one["noise"])
+    assert np.allclose(two["samples"], one["samples"], atol=1e-6)
+    assert not list(runs.glob(f"{name}-samples*.npz"))[1:]  # one file, written once
+
+
 def test_only_rank_zero_writes_files(runs):
     def files(run):
         return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
@@ -157,3 +175,29 @@ def test_checkpoints_written_before_rng_shards_existed_still_resume_exactly(tmp_
     resumed = jumpflow.train({}, tmp_path / "cut", resume=True)
     a, b = load_file(str(full)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accum_advances_curricula_and_targets_once_per_step(tmp_path):
+    """Micro-batches of one step share its curriculum position (iCT's discretisation counter); an EMA target net
+    (TVM's) moves once per step, not once per micro-batch."""
+    seen, updates = [], []
+    ict, tvm = jumpflow.methods.METHODS["ict"], jumpflow.methods.METHODS["tvm"]
+    real_loss, real_update = ict.loss, tvm.update_target
+
+    def spy_loss(self, x, labels):
+        seen.append(int(self.training_step))
+        return real_loss(self, x, labels)
+
+    def spy_update(self):
+        updates.append(1)
+        return real_update(self)
+
+    ict.loss, tvm.update_target = spy_loss, spy_update
+    try:
+        last = jumpflow.train(tiny(method="ict", grad_accum=2, steps=3, checkpoint_every=0), tmp_path / "ict")
+        jumpflow.train(tiny(method="tvm", grad_accum=2, steps=3, checkpoint_every=0), tmp_path / "tvm")
+    finally:
+        ict.loss, tvm.update_target = real_loss, real_update
+    assert seen == [0, 0, 1, 1, 2, 2]
+    assert int(load_file(str(last))["model.training_step"]) == 3
+    assert len(updates) == 3

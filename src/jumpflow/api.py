@@ -125,12 +125,14 @@ class LoadedModel:
     @torch.no_grad()
     def generate(self, n: Optional[int] = None, steps: Optional[int] = None, seed: Optional[int] = None,
                  cls: Optional[Union[int, Tensor]] = None, guidance: Optional[float] = None,
-                 noise: Optional[Tensor] = None, **options) -> Tensor:
+                 noise: Optional[Tensor] = None, batch_size: Optional[int] = None, **options) -> Tensor:
         """Samples in data space (images: (N, C, H, W) in [-1, 1]). `noise` replaces the drawn starting noise.
 
         `seed` fixes the starting noise (drawn on the CPU, so the same on every machine) and the sampler's own
         randomness (multistep consistency sampling re-noises), without touching torch's global RNG. `guidance` is the
-        classifier-free guidance scale of methods whose sampler takes one (`describe()["guidance"]`)."""
+        classifier-free guidance scale of methods whose sampler takes one (`describe()["guidance"]`). `batch_size`
+        runs the network on that many rows at a time (50k-sample evaluations); deterministic samplers give the same
+        samples at any batch size."""
         if noise is None:
             if n is None or n < 1:
                 raise JumpflowError(f"n must be a positive integer, got {n!r}")
@@ -144,12 +146,38 @@ class LoadedModel:
         if guidance is not None:
             options["guidance"] = self._guidance(guidance, labels)
         steps = steps if steps is not None else self.method.default_sample_steps
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise JumpflowError(f"batch_size must be a positive integer, got {batch_size!r}")
+        chunks = range(0, noise.shape[0], batch_size or max(1, noise.shape[0]))
         devices = [self.device] if self.device.type == "cuda" else []
+        out = []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            z = self.method.sample(noise.to(self.device), steps, labels=labels, **options)
-        return self.scaler.decode(z.float().cpu())
+            for i in chunks:
+                rows = slice(i, i + (batch_size or noise.shape[0]))
+                z = self.method.sample(noise[rows].to(self.device), steps,
+                                       labels=None if labels is None else labels[rows], **options)
+                out.append(self.scaler.decode(z.float().cpu()))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    @torch.no_grad()
+    def generate_across_ranks(self, noise: Tensor, seed: Optional[int] = None, **kwargs) -> Tensor:
+        """`generate` with the rows of `noise` split over the processes of a torchrun launch and the samples gathered
+        (every rank returns all of them, in order). Rank r seeds its sampler's own randomness with seed + r, so
+        deterministic samplers give exactly the single-process samples. Without torchrun it is `generate`."""
+        from . import distributed
+
+        world = distributed.setup(self.device)
+        if not world.active:
+            return self.generate(noise=noise, seed=seed, **kwargs)
+        noise = torch.as_tensor(noise, dtype=torch.float32)
+        if noise.shape[0] < world.size:
+            raise JumpflowError(f"{noise.shape[0]} samples cannot be split over {world.size} processes")
+        part = torch.tensor_split(noise, world.size)[world.rank]
+        mine = self.generate(noise=part, seed=None if seed is None else seed + world.rank, **kwargs)
+        # gloo gathers CPU tensors, nccl CUDA ones: gather on the model's device
+        return distributed.gather_rows(mine.to(self.device).contiguous(), noise.shape[0], world).cpu()
 
     def _labels(self, cls, n: int) -> Optional[Tensor]:
         if cls is None:

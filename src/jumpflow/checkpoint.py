@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -99,19 +99,26 @@ def split_prefix(tensors: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim") -> Tuple[Dict[str, Tensor], str]:
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim",
+                         gather: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Dict[str, Tensor], str]:
+    """Flat tensors of the optimizer's state, keyed by parameter index; `gather` makes a sharded value whole (a
+    collective under FSDP, called for every tensor in the same order on every rank)."""
     state = optimizer.state_dict()
     tensors = {}
     for index, values in state["state"].items():
         for key, value in values.items():
-            tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{prefix}.{index}.{key}"] = gather(value) if gather is not None else value
     return tensors, json.dumps(state["param_groups"])
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Dict[str, Tensor], groups_json: str,
-                           prefix: str = "optim") -> None:
+                           prefix: str = "optim", layout: Optional[Callable[[dict], dict]] = None) -> None:
+    """Inverse of optimizer_to_tensors; `layout` maps the full per-index state to the parameters' layout (shards)."""
     state: Dict[int, Dict[str, Tensor]] = {}
     for name, value in split_prefix(tensors, prefix).items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
+    if layout is not None:
+        state = layout(state)
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})

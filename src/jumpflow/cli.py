@@ -66,7 +66,9 @@ def _sample(args) -> None:
     from .config import parse_overrides
     from .plots import save_samples
 
-    model = api.load(args.ckpt)
+    from .distributed import is_main_process, launch_device
+
+    model = api.load(args.ckpt, device=launch_device())  # under torchrun: one GPU per local rank
     noise = _read_array(args.noise, "noise") if args.noise else None
     if noise is None and (args.n is None or args.n < 1):
         raise JumpflowError("give --n N (a positive integer) or --noise FILE.npy")
@@ -74,8 +76,10 @@ def _sample(args) -> None:
     if noise is None:
         noise = model.noise(args.n, seed)
     options = parse_overrides(args.options)  # the method's own sampling options (iMF: interval=[0.4,0.65])
-    samples = model.generate(noise=noise, steps=args.steps, cls=args.cls, guidance=args.guidance, seed=seed,
-                             **options)
+    samples = model.generate_across_ranks(noise, steps=args.steps, cls=args.cls, guidance=args.guidance, seed=seed,
+                                          batch_size=args.batch_size, **options)
+    if not is_main_process():  # rank 0 writes what all ranks generated
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -208,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field or method option")
     ds.set_defaults(func=_distill)
 
-    s = sub.add_parser("sample", help="draw samples from a checkpoint (EMA weights)")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint (EMA weights); under torchrun every process "
+                                      "draws its share and rank 0 writes them all")
     s.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its latest checkpoint)")
     s.add_argument("--n", type=int, help="number of samples")
     s.add_argument("--steps", type=int, help="network jumps (1 = one step); default: the method's own")
@@ -218,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (methods that take one, with --class)")
     s.add_argument("options", nargs="*", metavar="key=value",
                    help="sampling options of the method, e.g. iMF's guidance interval: interval=[0.4,0.65]")
+    s.add_argument("--batch-size", type=int, help="rows per network call (default: all at once)")
     s.add_argument("--out", required=True, help=".npy (samples), .npz (samples + noise) or .png (picture)")
     s.set_defaults(func=_sample)
 

@@ -57,6 +57,8 @@ class TrainConfig:
     # Speed switches. None changes what a run computes beyond float rounding; "auto" means "on when the device is CUDA".
     grad_accum: int = 1  # micro-batches per step on each process: batch_size is the GLOBAL batch, split over
     #                      processes x grad_accum equal micro-batches (it must divide); gradients are their mean
+    parallel: str = "replicate"  # under torchrun: "replicate" (every rank holds the whole model, gradients all-reduced)
+    #                              or "fsdp" (student and EMA sharded over the ranks, fsdp.py); ignored in one process
     compile: Any = False  # True/False/"auto": torch.compile the student backbone's forward (state_dict keys unchanged)
     channels_last: Any = False  # True/False/"auto": channels-last memory for image backbones and batches
     log_every: int = 50
@@ -86,6 +88,8 @@ class TrainConfig:
             raise JumpflowError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
         if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
             raise JumpflowError(f"grad_accum must be a positive integer, got {self.grad_accum!r}")
+        if self.parallel not in ("replicate", "fsdp"):
+            raise JumpflowError(f"parallel must be replicate or fsdp, got {self.parallel!r}")
         for name in ("compile", "channels_last"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise JumpflowError(f"{name} must be true, false or auto, got {getattr(self, name)!r}")

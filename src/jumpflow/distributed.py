@@ -53,6 +53,13 @@ def is_main_process() -> bool:
     return _env_int("RANK", 0) == 0
 
 
+def launch_device(requested: str = "auto") -> str:
+    """The device a process of a multi-GPU torchrun launch should use (cuda:LOCAL_RANK), else `requested`."""
+    if requested == "auto" and _env_int("WORLD_SIZE", 1) > 1 and torch.cuda.is_available():
+        return f"cuda:{_env_int('LOCAL_RANK', 0)}"
+    return requested
+
+
 def setup(device: torch.device) -> World:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU) and return this process's place.
 

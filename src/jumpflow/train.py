@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, methods
+from . import distributed, fsdp, methods
 from .build import DataInfo, Standardizer, build_method, resolve_device
 from .checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                          prune_checkpoints, save_checkpoint, split_prefix)
@@ -101,6 +101,14 @@ class Trainer:
         distributed.broadcast_module(self.method, self.world)  # one model on every rank, whatever built it
         self.ema = EMA(self.method.net, cfg.ema_decay)
         self.method.use_ema(self.ema.shadow)
+        self.sharded = cfg.parallel == "fsdp" and self.world.active
+        if self.sharded:  # before compile and the optimizers, which must see the sharded parameters
+            if not resume:  # the check copies the model, which a sharded one refuses: check it whole, first
+                self._self_check(*self._to_device(*self.dataset.sample_batch(
+                    cfg.batch_size // self.shards, torch.Generator().manual_seed(cfg.seed + 2))))
+            fsdp.shard(self.method.net, self.device, self.world.size)
+            for module in [self.ema.shadow, *self.method.mirrors()]:
+                fsdp.shard(module, self.device, self.world.size, trains=False)
         if cfg.switch_on("compile", self.device.type):  # after the EMA copy: only the training forward compiles
             self.method.net.compile()  # in place: state_dict keys (checkpoints) stay those of the plain module
         self.method.plan(cfg.steps)
@@ -186,11 +194,13 @@ class Trainer:
                 self.save()
                 break
             micro = self._micro_batches()
-            if self.step == 0:
+            if self.step == 0 and not self.sharded:
                 self._self_check(*micro[0][1:])
             records = {}
             for name in self.method.updates(self.step):
                 records[name] = self._update(name, micro, autocast)
+            if self.sharded:  # a forward without backward (a fake-score update's) leaves the root gathered
+                self.method.net.reshard()
             self.ema.update(self.method.net, self.step)
             self.step += 1
             bar.update(1)
@@ -228,16 +238,21 @@ class Trainer:
         labels = labels if (labels is not None and self.info.num_classes) else None
         per_rank = cfg.batch_size // world.size
         rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
-        x = self.scaler.encode(x[rows]).to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        labels = labels[rows].to(self.device) if labels is not None else None
+        x, labels = self._to_device(x[rows], labels[rows] if labels is not None else None)
         first = world.rank * cfg.grad_accum
         if cfg.grad_accum == 1:
             return [(first, x, labels)]
         xs = x.chunk(cfg.grad_accum)
         ls = labels.chunk(cfg.grad_accum) if labels is not None else [None] * cfg.grad_accum
         return [(first + a, xs[a], ls[a]) for a in range(cfg.grad_accum)]
+
+    def _to_device(self, x, labels):
+        """A data batch in model space on this run's device and layout (labels only for a class-conditional run)."""
+        labels = labels if (labels is not None and self.info.num_classes) else None
+        x = self.scaler.encode(x).to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels.to(self.device) if labels is not None else None
 
     def _update(self, name: str, micro: list, autocast):
         """One optimizer update: loss and backward per micro-batch, gradients averaged over micro-batches and ranks,
@@ -247,7 +262,10 @@ class Trainer:
             group["lr"] = self.learning_rate(self.step) * self.lr_scales[name]
         optimizer.zero_grad(set_to_none=True)
         total, metrics = None, {}
-        for slot, x, labels in micro:
+        for a, (slot, x, labels) in enumerate(micro):
+            if self.sharded:  # reduce-scatter once, after the last micro-batch's backward
+                fsdp.set_gradient_sync(self.method.net, a == len(micro) - 1)
+            self.method.begin_step(self.step, a)
             with self.streams.use(slot), autocast:
                 out = self.method.update_loss(name, x, labels)
             out.loss.backward()  # accumulates into .grad: the sum over micro-batches, averaged just below
@@ -257,12 +275,19 @@ class Trainer:
         if self.shards == 1:
             loss = total  # the plain single-process path, untouched: old runs resume bit for bit
         else:  # the loss rides in the gradients' last all-reduce bucket: one collective guards and logs it
-            loss = distributed.average_gradients(self.params[name], self.world, self.shards,
+            params = self.params[name]
+            if self.sharded:  # sharded gradients come back averaged over ranks: average the micro-batches here
+                sharded = [p.grad for p in params if p.grad is not None and fsdp.is_sharded(p.grad)]
+                if len(micro) > 1 and sharded:
+                    torch._foreach_mul_(sharded, 1.0 / len(micro))
+                params = [p for p in params if not fsdp.is_sharded(p)]
+            loss = distributed.average_gradients(params, self.world, self.shards,
                                                  extra=total.float().reshape(1)).reshape(())
             if len(micro) > 1:
                 metrics = {k: v / len(micro) for k, v in metrics.items()}  # ranks' means averaged at log steps
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params[name], max_norm)
+        clip = fsdp.clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(self.params[name], max_norm)
         # One host sync per update: a NaN loss also makes the gradient norm NaN, so a single check guards both,
         # before the optimizer can write a non-finite value into the weights.
         if not torch.isfinite(loss.detach() + grad_norm):
@@ -359,14 +384,17 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Called on every rank (they hand their random streams to rank 0); rank 0 writes the checkpoint."""
         streams = distributed.gather_objects(self.streams.states, self.world)
-        if not self.is_main:
+        if not (self.is_main or self.sharded):  # sharded: every rank takes part in gathering the full tensors
             return None
-        tensors = {f"model.{k}": v for k, v in self.method.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
+        tensors = {f"model.{k}": v for k, v in fsdp.full_state(self.method.state_dict()).items()}
+        tensors.update({f"ema.{k}": v for k, v in fsdp.full_state(self.ema.shadow.state_dict()).items()})
         groups = {}
         for name, optimizer in self.optimizers.items():
-            optim_tensors, groups[name] = optimizer_to_tensors(optimizer, optimizer_prefix(name))
+            optim_tensors, groups[name] = optimizer_to_tensors(optimizer, optimizer_prefix(name),
+                                                                 gather=fsdp.full if self.sharded else None)
             tensors.update(optim_tensors)
+        if not self.is_main:
+            return None
         tensors.update(self.scaler.tensors())
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.data"] = self.data_generator.get_state()
@@ -389,11 +417,13 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         tensors, metadata = load_checkpoint(path)
         try:
-            self.method.load_state_dict(split_prefix(tensors, "model"))
-            self.ema.shadow.load_state_dict(split_prefix(tensors, "ema"))
+            fsdp.load_full_state(self.method, split_prefix(tensors, "model"))  # sharded where the module is
+            fsdp.load_full_state(self.ema.shadow, split_prefix(tensors, "ema"))
             for name, optimizer in self.optimizers.items():
                 prefix = optimizer_prefix(name)
-                optimizer_from_tensors(optimizer, tensors, metadata[prefix + "_groups"], prefix)
+                optimizer_from_tensors(optimizer, tensors, metadata[prefix + "_groups"], prefix,
+                                       layout=lambda state, p=self.params[name]: fsdp.optimizer_state_like_params(
+                                           state, p))
         except (RuntimeError, KeyError, ValueError) as e:
             raise JumpflowError(f"checkpoint {path} does not match this run's config: {e}") from e
         self.scaler = Standardizer.from_tensors(tensors)

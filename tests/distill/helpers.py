@@ -18,7 +18,8 @@ def train_on_pairs(method, teacher, workspace, steps: int, lr: float = 3e-3):
     method.attach_teacher(teacher, workspace)
     optimizer = torch.optim.AdamW(method.net.parameters(), lr=lr)
     batch = torch.zeros(256, 2)
-    for _ in range(steps):
+    for step in range(steps):
+        method.begin_step(step)  # as the Trainer does
         loss = method.loss(batch, None).loss
         optimizer.zero_grad()
         loss.backward()

@@ -145,6 +145,7 @@ def distil(teacher, steps=600):
     ema = EMA(method.net, 0.99)
     optimizer = torch.optim.AdamW(method.net.parameters(), lr=3e-3)
     for step in range(steps):
+        method.begin_step(step)  # as the Trainer does: theta- follows theta once per step
         loss = method.loss(gaussian_data(256, seed=step + 1).float(), None).loss
         optimizer.zero_grad()
         loss.backward()

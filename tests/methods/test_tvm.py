@@ -125,11 +125,14 @@ def test_target_net_is_an_ema_of_the_student():
     method = methods.get("tvm", net, (2,), target_ema=0.9)
     with torch.no_grad():
         net.out.bias.fill_(1.0)
-    method.loss(torch.randn(8, 2), None)
+    method.begin_step(0)  # the Trainer's call before a step's first micro-batch
     assert torch.allclose(method.target_net.out.bias, torch.full((2,), 0.1))  # 0.9 * 0 + 0.1 * 1
+    method.loss(torch.randn(8, 2), None)
+    method.begin_step(0, micro_batch=1)  # a step's later micro-batches: once per step, whatever grad_accum is
+    assert torch.allclose(method.target_net.out.bias, torch.full((2,), 0.1))
     assert not any(p.requires_grad for p in method.target_net.parameters())
     method.eval()
-    method.loss(torch.randn(8, 2), None)  # no update outside training
+    method.begin_step(1)  # no update outside training
     assert torch.allclose(method.target_net.out.bias, torch.full((2,), 0.1))
     assert methods.get("tvm", net, (2,), target_ema=0.0).target_net is None
 

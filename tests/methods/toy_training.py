@@ -76,6 +76,7 @@ def fit(method, steps: int, *, data_seed: int = 0, lr: float = 2e-3, ema_decay: 
     optimizer = torch.optim.AdamW(method.net.parameters(), lr=lr)
     gen, losses = torch.Generator().manual_seed(data_seed), []
     for step in range(steps):
+        method.begin_step(step)  # as the Trainer does: curricula and EMA targets follow the step
         out = method.loss(dataset.sample_batch(256, gen)[0], None)
         optimizer.zero_grad()
         out.loss.backward()

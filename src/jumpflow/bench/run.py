@@ -54,7 +54,8 @@ def sample_steps_for(spec: BenchSpec, method: str) -> List[int]:
 
 # TrainConfig fields added after bench folders held finished cells: at these values a field leaves the key, so
 # those cells keep their keys (a from-scratch cell has no teacher; the speed switches are off by default).
-KEY_DEFAULTS = {"teacher": None, "grad_accum": 1, "compile": False, "channels_last": False}
+KEY_DEFAULTS = {"teacher": None, "grad_accum": 1, "compile": False, "channels_last": False,
+                "parallel": "replicate"}
 
 
 def cell_key(config: Dict[str, Any], spec: BenchSpec, steps: List[int]) -> str:

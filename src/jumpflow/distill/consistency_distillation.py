@@ -123,6 +123,14 @@ class ConsistencyDistillation(ConsistencyTraining):
         self.target_net = copy.deepcopy(net).requires_grad_(False) if config.target_ema > 0 else None
         self.sigmas = karras_sigmas(config.discretisation, config.sigma_min, config.sigma_max, config.rho)  # (N,)
 
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        super().begin_step(step, micro_batch)
+        if micro_batch == 0 and self.training:
+            self.update_target()  # once per step, following the previous step's optimizer update
+
+    def mirrors(self):
+        return [self.target_net] if self.target_net is not None else []
+
     def check_config(self) -> None:
         """Validated by ConsistencyDistillationConfig.__post_init__."""
 
@@ -178,8 +186,6 @@ class ConsistencyDistillation(ConsistencyTraining):
         return (prediction - target).pow(2).flatten(1).mean(1)
 
     def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
-        if self.training:
-            self.update_target()  # follows the previous step's optimizer update
         sigma_t, sigma_r = self.noise_levels(x.shape[0], int(self.training_step))
         t = sigma_to_time(sigma_t).to(x.device, x.dtype)  # student time t_{n+1}
         r = sigma_to_time(sigma_r).to(x.device, x.dtype)  # teacher's step ends at t_n

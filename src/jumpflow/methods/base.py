@@ -62,6 +62,20 @@ class Method(nn.Module):
         models' bootstrap, consistency training's teacher). Kept outside the module tree: it is saved once, as EMA."""
         self.__dict__["_ema_net"] = ema_net
 
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        """The Trainer calls this before each micro-batch's loss with the number of optimizer steps done. A method's
+        `training_step` counter (curricula; its loss advances it, so hand-written loops need no Trainer) is set to
+        `step`, so every micro-batch of one step sees the same curriculum position whatever grad_accum is. Once-a-step
+        work (an EMA target's update) belongs at micro_batch 0."""
+        counter = getattr(self, "training_step", None)
+        if isinstance(counter, Tensor):
+            counter.fill_(step)
+
+    def mirrors(self) -> List[nn.Module]:
+        """Copies of the student's network that follow its weights (an EMA target net): under parallel=fsdp the
+        Trainer shards them exactly like the student, so they can keep following it shard by shard."""
+        return []
+
     def plan(self, total_steps: int) -> None:
         """The Trainer says how many optimizer steps the run is set to last (again on resume, with the resumed
         run's value). Curricula that their papers tie to the length of training (iCT's discretisation, ECT's

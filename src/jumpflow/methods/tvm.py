@@ -111,6 +111,14 @@ class TVM(Method):
         w = torch.where(labels != self.num_classes, ones * self.config.guidance_scale, ones)
         return expand_time(w, like)
 
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        super().begin_step(step, micro_batch)
+        if micro_batch == 0 and self.training:
+            self.update_target()  # once per step, following the previous step's optimizer update
+
+    def mirrors(self):
+        return [self.target_net] if self.target_net is not None else []
+
     @torch.no_grad()
     def update_target(self) -> None:
         """target <- decay * target + (1 - decay) * student, once per training step (before the step's loss)."""
@@ -125,8 +133,6 @@ class TVM(Method):
     def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
         cfg = self.config
         refuse_ddp(self.net)
-        if self.training:
-            self.update_target()
         target_net = self.target_net if self.target_net is not None else self.net
         labels = self.drop_labels(labels, cfg.class_dropout)
         noise = torch.randn_like(x)

@@ -1,0 +1,110 @@
+"""parallel=fsdp over 2 CPU processes (gloo): the student, its EMA and an EMA target net sharded over the ranks must
+train exactly like the replicated layout, i.e. like 1 process with the same micro-batch slots (grad_accum = slots);
+checkpoints hold whole tensors under the usual names, resume exactly, and load in one plain process."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import jumpflow
+from jumpflow import TrainConfig
+from jumpflow.checkpoint import list_checkpoints
+
+# flow matching; MeanFlow (a JVP through the sharded net); TVM (backward through the JVP, an EMA target net that
+# must follow the student shard by shard); flow matching with 2 micro-batches per rank (reduce-scatter once per step)
+RUNS = {"fm": dict(sample_every=3), "mf": dict(method="meanflow"), "tvm": dict(method="tvm"),
+        "fm_accum": dict(grad_accum=2)}
+
+
+def tiny(**overrides) -> TrainConfig:
+    values = dict(method="flow_matching", data="8gaussians", steps=6, batch_size=32, lr=1e-3, warmup_steps=2,
+                  backbone_options={"width": 32, "depth": 2}, log_every=1, sample_every=0, checkpoint_every=3,
+                  keep_checkpoints=10, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# DMD2: a sharded generator beside a whole fake-score net, two optimizers, steps without a generator update
+DMD2 = {"steps": 6, "batch_size": 32, "progress": False, "sample_every": 0, "checkpoint_every": 3,
+        "keep_checkpoints": 10, "log_every": 1, "method_options": {"fake_updates": 2}}
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    for name, options in RUNS.items():
+        jumpflow.train(tiny(parallel="fsdp", **options), os.path.join(root, f"{name}-fsdp"))
+    jumpflow.api.distill(os.path.join(root, "fm-fsdp"), "dmd2", os.path.join(root, "dmd2-fsdp"),
+                         dict(DMD2, parallel="fsdp"))
+    cut = os.path.join(root, "mf-cut")
+    jumpflow.train(tiny(parallel="fsdp", **RUNS["mf"]), cut, stop_after=4)  # killed at 4: last checkpoint is 3
+    jumpflow.train({}, cut, resume=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(port, str(root)), nprocs=2, join=True)
+    for name, options in RUNS.items():  # 1 process, the same slots: 2 ranks x grad_accum
+        options = dict(options, grad_accum=2 * options.get("grad_accum", 1))
+        jumpflow.train(tiny(**options), root / f"{name}-one")
+    jumpflow.api.distill(root / "fm-fsdp", "dmd2", root / "dmd2-one", dict(DMD2, grad_accum=2))
+    return root
+
+
+def losses(run):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def last(run):
+    return load_file(str(list_checkpoints(run)[6]))
+
+
+@pytest.mark.parametrize("name", [*RUNS, "dmd2"])
+def test_sharded_training_matches_one_process(runs, name):
+    sharded, one = losses(runs / f"{name}-fsdp"), losses(runs / f"{name}-one")
+    assert [r["step"] for r in sharded] == list(range(1, 7))
+    for a, b in zip(sharded, one):
+        for key in set(a) - {"elapsed_s"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    a, b = last(runs / f"{name}-fsdp"), last(runs / f"{name}-one")
+    # whole tensors under the unsharded names: the checkpoint is the same file a single process writes
+    assert {k for k in a if not k.startswith("rng.")} == {k for k in b if not k.startswith("rng.")}
+    for key in a:
+        if key.startswith(("model.", "ema.", "optim.")):
+            assert a[key].shape == b[key].shape, key
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    first = load_file(str(list_checkpoints(runs / f"{name}-fsdp")[3]))
+    assert not torch.equal(first["model.net.out.weight"], a["model.net.out.weight"])  # it did train
+
+
+def test_the_target_net_follows_the_sharded_student(runs):
+    a = last(runs / "tvm-fsdp")
+    start = load_file(str(list_checkpoints(runs / "tvm-fsdp")[3]))
+    targets = [k for k in a if k.startswith("model.target_net.")]
+    assert targets and any(not torch.equal(a[k], start[k]) for k in targets)
+
+
+def test_sharded_resume_is_exact(runs):
+    a, b = last(runs / "mf-fsdp"), last(runs / "mf-cut")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_sharded_checkpoint_samples_in_one_plain_process(runs):
+    model = jumpflow.load(runs / "fm-fsdp")
+    x = model.generate(64, steps=2, seed=0)
+    reference = jumpflow.load(runs / "fm-one").generate(64, steps=2, seed=0)
+    assert x.shape == (64, 2) and torch.isfinite(x).all()
+    assert torch.allclose(x, reference, atol=1e-4)
+    assert sorted(p.name for p in (runs / "fm-fsdp" / "samples").iterdir()) == ["step_0000003.png",
+                                                                                "step_0000006.png"]
