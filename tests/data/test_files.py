@@ -142,3 +142,33 @@ def test_image_folder_unlabelled_and_errors(tmp_path):
         load(str(tmp_path / "empty"))
     with pytest.raises(JumpflowError, match="channels"):
         load_image_folder(tmp_path / "sub", channels=2)
+
+
+def test_latents_are_taken_as_they_are_and_train_on_an_image_backbone(tmp_path):
+    """VAE latents (ImageNet-style (N, 4, H, W), values well outside [-1, 1]) load with latents=true (times `scale`)
+    and train a DiT like images; without the flag they are refused as out-of-range images."""
+    import jumpflow
+
+    rng = np.random.default_rng(0)
+    latents = (rng.standard_normal((40, 4, 8, 8)) * 3).astype(np.float32)
+    labels = rng.integers(0, 5, 40)
+    path = tmp_path / "latents.npz"
+    np.savez(path, x=latents, y=labels)
+    with pytest.raises(JumpflowError, match=r"\[-1, 1\]"):
+        load_array(path)
+    data = load(str(path), latents=True, scale=0.5)
+    assert data.kind == "image" and tuple(data.shape) == (4, 8, 8) and data.num_classes == 5
+    everything = torch.cat([data.train, data.test])
+    assert everything.abs().max() > 2  # not clipped to [-1, 1]
+    assert torch.allclose(everything.sort(0).values, torch.from_numpy(latents * 0.5).sort(0).values)
+    with pytest.raises(JumpflowError, match="latents=true expects a float array"):
+        np.save(tmp_path / "vectors.npy", latents.reshape(40, -1))
+        load_array(tmp_path / "vectors.npy", latents=True)
+    with pytest.raises(JumpflowError, match="scale applies to latents only"):
+        load_array(path, scale=0.18215)
+    run = tmp_path / "run"
+    jumpflow.train({"method": "meanflow", "data": str(path), "data_options": {"latents": True},
+                    "class_conditional": True, "backbone": "dit", "backbone_options": {"size": "tiny"},
+                    "steps": 2, "batch_size": 8, "sample_every": 0, "progress": False}, run)
+    x = jumpflow.load(run).generate(6, steps=1, seed=0, cls=2)
+    assert x.shape == (6, 4, 8, 8) and torch.isfinite(x).all()

@@ -7,6 +7,9 @@ Accepted:
   * Images (N, C, H, W): float values already in [-1, 1] (1e-3 tolerance, then clipped), or uint8 in
     [0, 255] mapped to [-1, 1]. Channels-last (N, H, W, C) is transposed to channels-first when the last
     dim is 1, 3 or 4 and the second dim is not (so (N, 32, 32, 3) becomes (N, 3, 32, 32)).
+  * Latents (`latents=True`): 4-dim float arrays (N, C, H, W), e.g. ImageNet encoded by a VAE, used as they are
+    times `scale` (the VAE's scaling factor when the file holds raw latents, e.g. 0.18215 for Stable Diffusion's),
+    with no range check and no channels-last guess; the image backbones (UNet, DiT) take them like images.
 Files are read with allow_pickle=False. The split is deterministic: a fixed permutation (seed) holds out
 `test_fraction` of the samples (rounded, at least 1) as the test set.
 """
@@ -64,6 +67,17 @@ def _read(path: Path) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         raise JumpflowError(f"could not read {path} as a NumPy .npy/.npz file of numbers: {e}") from None
 
 
+def _latents(x: np.ndarray, path: Path, scale: float) -> Tensor:
+    if x.dtype.kind != "f" or x.ndim != 4:
+        raise JumpflowError(f"{path}: latents=true expects a float array (N, C, H, W), found dtype {x.dtype} "
+                            f"shape {x.shape}")
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        raise JumpflowError(f"scale must be a positive number, got {scale!r}")
+    if not np.isfinite(x).all():
+        raise JumpflowError(f"{path}: found {int((~np.isfinite(x)).sum())} NaN or inf values; data must be finite")
+    return torch.from_numpy(x.astype(np.float32) * np.float32(scale))
+
+
 def _to_tensor(x: np.ndarray, path: Path) -> Tensor:
     if x.dtype.kind not in "fiu":
         raise JumpflowError(f"{path}: expected a float or integer array, found dtype {x.dtype} "
@@ -103,7 +117,8 @@ def _labels(y: np.ndarray, n: int, path: Path) -> Tuple[Tensor, int]:
     return y, int(y.max()) + 1
 
 
-def load_array(path, test_fraction: float = 0.1, seed: int = 0, name: Optional[str] = None) -> TensorDataset:
+def load_array(path, test_fraction: float = 0.1, seed: int = 0, name: Optional[str] = None, latents: bool = False,
+               scale: float = 1.0) -> TensorDataset:
     """Load a .npy/.npz file (rules in the module docstring) as a TensorDataset with a deterministic split."""
     path = Path(path)
     if path.suffix.lower() not in (".npy", ".npz"):
@@ -111,7 +126,9 @@ def load_array(path, test_fraction: float = 0.1, seed: int = 0, name: Optional[s
     if not path.is_file():
         raise JumpflowError(f"file not found: {path}")
     raw, raw_labels = _read(path)
-    x = _to_tensor(raw, path)
+    if scale != 1.0 and not latents:
+        raise JumpflowError("scale applies to latents only (data_options.latents=true)")
+    x = _latents(raw, path, scale) if latents else _to_tensor(raw, path)
     labels, num_classes = _labels(raw_labels, len(x), path) if raw_labels is not None else (None, 0)
     train, test = split_indices(len(x), test_fraction, seed)
     pick = (lambda i: labels[i]) if labels is not None else (lambda i: None)
