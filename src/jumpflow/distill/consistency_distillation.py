@@ -39,7 +39,6 @@ jumpflow's choices, each against the paper:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 
 from ..errors import JumpflowError
 from ..methods import register
-from ..methods.base import LossOutput
+from ..methods.base import EMATargetNet, LossOutput
 from ..methods.consistency import (ConsistencyTraining, _same_randomness, consistency_function, pseudo_huber,
                                    sigma_to_time)
 from ..paths import interpolate
@@ -108,7 +107,7 @@ class ConsistencyDistillationConfig:
 
 
 @register
-class ConsistencyDistillation(ConsistencyTraining):
+class ConsistencyDistillation(EMATargetNet, ConsistencyTraining):
     """Consistency distillation: f_theta at t_{n+1} matches the target net at the teacher's Heun step to t_n."""
 
     name = "consistency_distillation"
@@ -120,16 +119,8 @@ class ConsistencyDistillation(ConsistencyTraining):
     def __init__(self, net: nn.Module, config: ConsistencyDistillationConfig, shape: tuple, num_classes: int = 0):
         super().__init__(net, config, shape, num_classes)
         # theta-: a frozen copy, saved with the method's state (checkpoints, exact resume); None -> sg(theta).
-        self.target_net = copy.deepcopy(net).requires_grad_(False) if config.target_ema > 0 else None
+        self.make_target_net(net)
         self.sigmas = karras_sigmas(config.discretisation, config.sigma_min, config.sigma_max, config.rho)  # (N,)
-
-    def begin_step(self, step: int, micro_batch: int = 0) -> None:
-        super().begin_step(step, micro_batch)
-        if micro_batch == 0 and self.training:
-            self.update_target()  # once per step, following the previous step's optimizer update
-
-    def mirrors(self):
-        return [self.target_net] if self.target_net is not None else []
 
     def check_config(self) -> None:
         """Validated by ConsistencyDistillationConfig.__post_init__."""
@@ -145,17 +136,6 @@ class ConsistencyDistillation(ConsistencyTraining):
     def reset_target(self) -> None:
         if self.target_net is not None:
             self.target_net.load_state_dict(self.net.state_dict())
-
-    @torch.no_grad()
-    def update_target(self) -> None:
-        """theta- <- mu theta- + (1 - mu) theta (CM Alg. 2's last line); buffers are copied."""
-        if self.target_net is None:
-            return
-        mu = self.config.target_ema
-        for target, online in zip(self.target_net.parameters(), self.net.parameters()):
-            target.lerp_(online.detach(), 1 - mu)
-        for target, online in zip(self.target_net.buffers(), self.net.buffers()):
-            target.copy_(online)
 
     # --- training -----------------------------------------------------------------------------------------
     def noise_levels(self, n: int, step: int) -> Tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ torch's global RNG, whose state the Trainer saves in every checkpoint so resume 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,3 +183,32 @@ def make_config(config_cls: type, options: Dict[str, Any]) -> Any:
         raise JumpflowError(f"unknown option(s) {', '.join(unknown)} for {config_cls.__qualname__}; "
                             f"valid: {', '.join(valid)}")
     return config_cls(**options)
+
+
+class EMATargetNet:
+    """Mixin for a method whose targets come from an EMA copy of its student, `target_net` (None when
+    `config.target_ema` is 0: the student itself, under stop-gradient). The copy lives inside the method, so
+    checkpoints carry it and resume is exact; it moves toward the student once per training step, before that step's
+    loss (after the previous optimizer update), and is sharded with the student under parallel=fsdp."""
+
+    def make_target_net(self, net: nn.Module) -> None:
+        self.target_net = copy.deepcopy(net).requires_grad_(False) if self.config.target_ema > 0 else None
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """target <- target_ema * target + (1 - target_ema) * student; buffers are copied."""
+        if self.target_net is None:
+            return
+        decay = self.config.target_ema
+        for target, online in zip(self.target_net.parameters(), self.net.parameters()):
+            target.lerp_(online.detach(), 1.0 - decay)
+        for target, online in zip(self.target_net.buffers(), self.net.buffers()):
+            target.copy_(online)
+
+    def begin_step(self, step: int, micro_batch: int = 0) -> None:
+        super().begin_step(step, micro_batch)
+        if micro_batch == 0 and self.training:
+            self.update_target()
+
+    def mirrors(self) -> List[nn.Module]:
+        return [self.target_net] if self.target_net is not None else []

@@ -16,7 +16,6 @@ and anchors the s = t boundary by flow matching at an independent time s'. Gradi
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -27,7 +26,7 @@ from ..errors import JumpflowError
 from ..jvp import JVP_MODES, jvp_report, nonvacuous_copy, refuse_ddp, total_derivative
 from ..paths import conditional_velocity, expand_time, interpolate, logit_normal_times
 from . import register
-from .base import LossOutput, Method
+from .base import EMATargetNet, LossOutput, Method
 
 
 def terminal_velocity(jump_velocity, z: Tensor, t: Tensor, s: Tensor, jvp_mode: str = "exact",
@@ -71,7 +70,7 @@ class TVMConfig:
 
 
 @register
-class TVM(Method):
+class TVM(EMATargetNet, Method):
     """Terminal Velocity Matching: flow map trained on its terminal-time derivative plus flow matching."""
 
     name = "tvm"
@@ -91,8 +90,7 @@ class TVM(Method):
             raise JumpflowError(f"guidance_scale must be > 0, got {cfg.guidance_scale}")
         if cfg.s_std <= 0 or cfg.gap_std <= 0:
             raise JumpflowError(f"s_std and gap_std must be > 0, got {cfg.s_std}, {cfg.gap_std}")
-        # The target net: an EMA of the student kept inside the method, so checkpoints carry it and resume is exact.
-        self.target_net = copy.deepcopy(net).requires_grad_(False) if cfg.target_ema > 0 else None
+        self.make_target_net(net)
 
     # --- pieces of the objective ----------------------------------------------------------------------------
     def sample_times(self, n: int, device) -> Tuple[Tensor, Tensor, Tensor]:
@@ -110,25 +108,6 @@ class TVM(Method):
             return expand_time(ones, like)
         w = torch.where(labels != self.num_classes, ones * self.config.guidance_scale, ones)
         return expand_time(w, like)
-
-    def begin_step(self, step: int, micro_batch: int = 0) -> None:
-        super().begin_step(step, micro_batch)
-        if micro_batch == 0 and self.training:
-            self.update_target()  # once per step, following the previous step's optimizer update
-
-    def mirrors(self):
-        return [self.target_net] if self.target_net is not None else []
-
-    @torch.no_grad()
-    def update_target(self) -> None:
-        """target <- decay * target + (1 - decay) * student, once per training step (before the step's loss)."""
-        if self.target_net is None:
-            return
-        decay = self.config.target_ema
-        for p_target, p in zip(self.target_net.parameters(), self.net.parameters()):
-            p_target.lerp_(p.detach(), 1.0 - decay)
-        for b_target, b in zip(self.target_net.buffers(), self.net.buffers()):
-            b_target.copy_(b)
 
     def loss(self, x: Tensor, labels: Optional[Tensor]) -> LossOutput:
         cfg = self.config
