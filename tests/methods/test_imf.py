@@ -245,3 +245,31 @@ def test_bad_options_are_clear_errors():
                            ({"guidance": "strong"}, "number")]:
         with pytest.raises(JumpflowError, match=match):
             conditional.sample(noise, 1, **options)
+
+
+def test_jvp_tangent_option_switches_between_the_model_velocity_and_eps_minus_x(monkeypatch):
+    """The paper's tangent is the v-head's own velocity; jvp_tangent="conditional" (an ablation) uses MeanFlow's
+    eps - x instead."""
+    import jumpflow.methods.imf as imf
+
+    seen = {}
+    real_compound, real_conditional = imf.compound_velocity, imf.conditional_velocity
+
+    def compound(two_heads, z, t, r, tangent, jvp_mode="exact"):
+        seen["tangent"] = tangent
+        return real_compound(two_heads, z, t, r, tangent, jvp_mode)
+
+    def conditional(x, noise):
+        seen["eps_minus_x"] = real_conditional(x, noise)
+        return seen["eps_minus_x"]
+
+    monkeypatch.setattr(imf, "compound_velocity", compound)
+    monkeypatch.setattr(imf, "conditional_velocity", conditional)
+    exact = ExactGaussian(MU, STD)
+    x = MU + STD * torch.randn(64, 2, dtype=torch.float64)
+    methods.get("imf", ExactTwoHeads(exact), (2,)).loss(x, None)
+    assert not torch.allclose(seen["tangent"], seen["eps_minus_x"])  # the exact velocity, not eps - x
+    methods.get("imf", ExactTwoHeads(exact), (2,), jvp_tangent="conditional").loss(x, None)
+    assert torch.equal(seen["tangent"], seen["eps_minus_x"])
+    with pytest.raises(JumpflowError, match="jvp_tangent"):
+        methods.get("imf", ExactTwoHeads(exact), (2,), jvp_tangent="noise")

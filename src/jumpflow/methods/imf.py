@@ -109,6 +109,7 @@ class ImprovedMeanFlowConfig:
     adaptive_power: float = 1.0  # norm_p
     adaptive_eps: float = 0.01  # norm_eps, relative to per-sample *sums* of squares
     velocity_head_time: str = "pair"  # "pair": v-head output of the JVP forward (official); "instantaneous": h = 0
+    jvp_tangent: str = "model"  # "model": the v-head's velocity (paper); "conditional": eps - x (MeanFlow's, ablation)
     jvp_mode: str = "exact"  # "exact" (torch.func.jvp) or "finite_difference"
 
 
@@ -149,6 +150,7 @@ class ImprovedMeanFlow(Method):
             (cfg.velocity_head_time in VELOCITY_HEAD_TIMES,
              f"velocity_head_time must be one of {', '.join(VELOCITY_HEAD_TIMES)}"),
             (cfg.jvp_mode in JVP_MODES, f"jvp_mode must be one of {', '.join(JVP_MODES)}"),
+            (cfg.jvp_tangent in ("model", "conditional"), "jvp_tangent must be model or conditional"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:
@@ -223,6 +225,8 @@ class ImprovedMeanFlow(Method):
             t_min = torch.zeros(n, device=x.device)
             dropped, labels = torch.zeros(n, dtype=torch.bool, device=x.device), None
         v_guided, tangent = self.guided_target(self.net, z, t, v_target, labels, omega_eff, dropped)
+        if cfg.jvp_tangent == "conditional":  # MeanFlow's tangent, for ablations: noisy, but needs no trained v-head
+            tangent = v_target
         if guided:
             labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
         extra = guidance_inputs(omega, t_min, t_max)
