@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import jumpflow
 from jumpflow import TrainConfig
 from jumpflow.checkpoint import list_checkpoints
+from jumpflow.errors import JumpflowError
 
 # flow matching; MeanFlow (a JVP through the sharded net); TVM (backward through the JVP, an EMA target net that
 # must follow the student shard by shard); flow matching with 2 micro-batches per rank (reduce-scatter once per step)
@@ -41,6 +42,12 @@ def _worker(rank: int, port: int, root: str) -> None:
         jumpflow.train(tiny(parallel="fsdp", **options), os.path.join(root, f"{name}-fsdp"))
     jumpflow.api.distill(os.path.join(root, "fm-fsdp"), "dmd2", os.path.join(root, "dmd2-fsdp"),
                          dict(DMD2, parallel="fsdp"))
+    try:
+        jumpflow.train(tiny(parallel="fsdp", data="digits", backbone="unet", channels_last=True, batch_size=8,
+                            backbone_options={"channels": 8, "channel_mult": [1]}), os.path.join(root, "cl"))
+    except JumpflowError as e:
+        with open(os.path.join(root, f"cl-error-rank{rank}.txt"), "w") as f:
+            f.write(str(e))
     cut = os.path.join(root, "mf-cut")
     jumpflow.train(tiny(parallel="fsdp", **RUNS["mf"]), cut, stop_after=4)  # killed at 4: last checkpoint is 3
     jumpflow.train({}, cut, resume=True)
@@ -108,3 +115,10 @@ def test_a_sharded_checkpoint_samples_in_one_plain_process(runs):
     assert torch.allclose(x, reference, atol=1e-4)
     assert sorted(p.name for p in (runs / "fm-fsdp" / "samples").iterdir()) == ["step_0000003.png",
                                                                                 "step_0000006.png"]
+
+
+def test_channels_last_with_fsdp_is_a_clear_error_on_every_rank(runs):
+    for rank in (0, 1):  # FSDP2 shards contiguous parameters only; channels-last conv weights are not
+        message = (runs / f"cl-error-rank{rank}.txt").read_text()
+        assert "channels_last=true cannot be combined with parallel=fsdp" in message
+    assert not list_checkpoints(runs / "cl")

@@ -81,6 +81,15 @@ def test_channels_last_unet_gives_the_same_losses(tmp_path):
     assert losses(tmp_path / "cl") == pytest.approx(plain, rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["meanflow", "tvm"])
+def test_jvp_methods_train_a_channels_last_unet_with_the_same_losses(tmp_path, method):
+    """A JVP through the UNet's GroupNorm on channels-last activations (torch's forward-mode rule needs them
+    contiguous); TVM also back-propagates through it. The GPU recipes turn channels_last on."""
+    plain = losses(jumpflow.train(image(method=method, steps=3), tmp_path / "plain").parents[1])
+    cl = losses(jumpflow.train(image(method=method, steps=3, channels_last=True), tmp_path / "cl").parents[1])
+    assert cl == pytest.approx(plain, rel=1e-4)
+
+
 def test_bf16_autocast_runs_on_cpu_with_a_channels_last_unet(tmp_path):
     bf16 = losses(jumpflow.train(image(steps=2, precision="bf16", channels_last=True), tmp_path / "bf16").parents[1])
     fp32 = losses(jumpflow.train(image(steps=2), tmp_path / "fp32").parents[1])

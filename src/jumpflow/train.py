@@ -81,7 +81,12 @@ class Trainer:
         self.scaler = self._fit_scaler()
 
         self.method = build_method(cfg, self.info).to(self.device)
-        self.channels_last = cfg.switch_on("channels_last", self.device.type) and self.info.kind == "image"
+        self.sharded = cfg.parallel == "fsdp" and self.world.active
+        if self.sharded and cfg.channels_last is True:
+            raise JumpflowError("channels_last=true cannot be combined with parallel=fsdp: FSDP shards contiguous "
+                                "parameters only; drop one (channels_last=auto turns itself off under FSDP)")
+        self.channels_last = (cfg.switch_on("channels_last", self.device.type) and self.info.kind == "image"
+                              and not self.sharded)
         if self.channels_last:  # before the EMA copy, so sampling with EMA weights is channels-last too
             self.method.to(memory_format=torch.channels_last)
         if self.method.needs_teacher:  # before the EMA copy: a method may start its student from the teacher
@@ -101,7 +106,6 @@ class Trainer:
         distributed.broadcast_module(self.method, self.world)  # one model on every rank, whatever built it
         self.ema = EMA(self.method.net, cfg.ema_decay)
         self.method.use_ema(self.ema.shadow)
-        self.sharded = cfg.parallel == "fsdp" and self.world.active
         if self.sharded:  # before compile and the optimizers, which must see the sharded parameters
             if not resume:  # the check copies the model, which a sharded one refuses: check it whole, first
                 self._self_check(*self._to_device(*self.dataset.sample_batch(

@@ -24,10 +24,16 @@ def _groups(channels: int) -> int:
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in at least float32 (bfloat16 statistics under autocast are too coarse)."""
+    """GroupNorm computed in at least float32 (bfloat16 statistics under autocast are too coarse).
+
+    A channels-last input is made contiguous first: torch's forward-mode rule for group_norm (the JVP of MeanFlow,
+    TVM, sCT ...) views the tangent in a way only a contiguous tensor allows, and fails on channels-last (torch 2.13).
+    The next convolution returns to channels-last by itself (its weights are), so this costs one copy per norm."""
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))
+        if not x.is_contiguous():
+            x = x.contiguous()
         weight = None if self.weight is None else self.weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
