@@ -98,13 +98,19 @@ def jvp_self_check(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangent
     Returns {"relative_error", "norm" (of the exact JVP: 0 means the check saw nothing), "ok"}; the relative error
     is ||exact - fd|| / (||exact|| + 1e-8). A failure points at an op whose forward-mode rule is wrong or missing
     (a custom kernel, a fused attention path).
+
+    The difference passes too when it is within the finite difference's own rounding, 10 eps ||f|| / step: a JVP
+    that is small beside the output (TVM's d/ds of a fresh network that barely reads s: 0.02 against outputs of
+    norm ~1) cannot be checked more finely in float32, and a wrong rule errs by the JVP's own size, not by that.
     """
     with torch.no_grad():
-        _, exact = total_derivative(fn, primals, tangents, mode="exact")
+        out, exact = total_derivative(fn, primals, tangents, mode="exact")
         _, approx = total_derivative(fn, primals, tangents, mode="finite_difference", step=step)
     norm = exact.norm().item()
-    rel = ((exact - approx).norm() / (norm + 1e-8)).item()
-    return {"relative_error": rel, "norm": norm, "ok": rel <= tolerance}
+    error = (exact - approx).norm().item()
+    rounding = 10 * torch.finfo(out.dtype).eps * out.norm().item() / step
+    rel = error / (norm + 1e-8)
+    return {"relative_error": rel, "norm": norm, "ok": rel <= tolerance or error <= rounding}
 
 
 def nonvacuous_copy(net: nn.Module) -> nn.Module:
