@@ -7,7 +7,9 @@ so an interrupted run resumed from step N ends with bit-identical weights on CPU
 Data parallel (`torchrun --nproc_per_node N -m jumpflow train ...`, see distributed.py): `batch_size` is the global
 batch; every rank draws it from the same data generator and keeps its own rows, computes its loss on them (in
 `grad_accum` micro-batches), and gradients are averaged by all-reduce after backward, so every rank applies the same
-update to the same weights and EMA. Rank 0 alone writes files and shows progress.
+update to the same weights and EMA. Rank 0 alone writes files and shows progress. With `parallel=fsdp` the student,
+its EMA and any EMA target net are sharded instead (fsdp.py): their gradients are reduce-scattered by FSDP, the rest
+(auxiliary networks, the loss) still goes through the all-reduce, and checkpoints gather whole tensors.
 """
 
 from __future__ import annotations
