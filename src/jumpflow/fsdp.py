@@ -71,16 +71,18 @@ def set_gradient_sync(module: nn.Module, sync: bool) -> None:
         module.set_requires_gradient_sync(sync)
 
 
-def full(t: Tensor) -> Tensor:
-    """The whole tensor (gathered from every rank when sharded), on the CPU. A collective for sharded tensors."""
+def full(t: Tensor, keep: bool = True) -> Tensor:
+    """The whole tensor (gathered from every rank when sharded), on the CPU. A collective for sharded tensors.
+    keep=False (the ranks that do not write) takes part in the gather and drops the result at once, so that only
+    the writing rank ever holds a whole checkpoint in host memory."""
     if is_sharded(t):
         t = t.full_tensor()
-    return t.detach().cpu()
+    return t.detach().cpu() if keep else t.new_empty(0, device="cpu")
 
 
-def full_state(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def full_state(state: Dict[str, Tensor], keep: bool = True) -> Dict[str, Tensor]:
     """A state dict with every sharded entry gathered (a collective: iterate the same dict on every rank)."""
-    return {k: full(v) if is_sharded(v) else v for k, v in state.items()}
+    return {k: full(v, keep) if is_sharded(v) else v for k, v in state.items()}
 
 
 def like(full_tensor: Tensor, target) -> Tensor:

@@ -392,12 +392,13 @@ class Trainer:
         streams = distributed.gather_objects(self.streams.states, self.world)
         if not (self.is_main or self.sharded):  # sharded: every rank takes part in gathering the full tensors
             return None
-        tensors = {f"model.{k}": v for k, v in fsdp.full_state(self.method.state_dict()).items()}
-        tensors.update({f"ema.{k}": v for k, v in fsdp.full_state(self.ema.shadow.state_dict()).items()})
+        keep = self.is_main  # the other ranks only take part in the gathers
+        tensors = {f"model.{k}": v for k, v in fsdp.full_state(self.method.state_dict(), keep).items()}
+        tensors.update({f"ema.{k}": v for k, v in fsdp.full_state(self.ema.shadow.state_dict(), keep).items()})
         groups = {}
+        gather = (lambda v: fsdp.full(v, keep)) if self.sharded else None
         for name, optimizer in self.optimizers.items():
-            optim_tensors, groups[name] = optimizer_to_tensors(optimizer, optimizer_prefix(name),
-                                                                 gather=fsdp.full if self.sharded else None)
+            optim_tensors, groups[name] = optimizer_to_tensors(optimizer, optimizer_prefix(name), gather=gather)
             tensors.update(optim_tensors)
         if not self.is_main:
             return None
