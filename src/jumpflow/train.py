@@ -132,6 +132,7 @@ class Trainer:
         local = range(self.world.rank * cfg.grad_accum, (self.world.rank + 1) * cfg.grad_accum)
         self.streams = distributed.ShardStreams(cfg.seed, local, self.shards, self.device)
         self.step = 0
+        self._calls_this_step = 0  # losses computed so far in the current step (Method.begin_step)
         self.train_seconds = 0.0  # wall time spent in training steps, summed over resumes (pictures/saves excluded)
         if resume:
             self._restore(latest_checkpoint(self.out))
@@ -202,7 +203,7 @@ class Trainer:
             micro = self._micro_batches()
             if self.step == 0 and not self.sharded:
                 self._self_check(*micro[0][1:])
-            records = {}
+            records, self._calls_this_step = {}, 0
             for name in self.method.updates(self.step):
                 records[name] = self._update(name, micro, autocast)
             if self.sharded:  # a forward without backward (a fake-score update's) leaves the root gathered
@@ -271,7 +272,8 @@ class Trainer:
         for a, (slot, x, labels) in enumerate(micro):
             if self.sharded:  # reduce-scatter once, after the last micro-batch's backward
                 fsdp.set_gradient_sync(self.method.net, a == len(micro) - 1)
-            self.method.begin_step(self.step, a)
+            self.method.begin_step(self.step, self._calls_this_step)  # 0 once per step, over all updates
+            self._calls_this_step += 1
             with self.streams.use(slot), autocast:
                 out = self.method.update_loss(name, x, labels)
             out.loss.backward()  # accumulates into .grad: the sum over micro-batches, averaged just below

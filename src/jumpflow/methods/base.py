@@ -64,10 +64,11 @@ class Method(nn.Module):
         self.__dict__["_ema_net"] = ema_net
 
     def begin_step(self, step: int, micro_batch: int = 0) -> None:
-        """The Trainer calls this before each micro-batch's loss with the number of optimizer steps done. A method's
-        `training_step` counter (curricula; its loss advances it, so hand-written loops need no Trainer) is set to
-        `step`, so every micro-batch of one step sees the same curriculum position whatever grad_accum is. Once-a-step
-        work (an EMA target's update) belongs at micro_batch 0."""
+        """The Trainer calls this before each loss it computes, with the number of optimizer steps done and the
+        count of losses already computed in this step (over micro-batches and, for methods with several optimizers,
+        over updates). A method's `training_step` counter (curricula; its loss advances it, so hand-written loops need
+        no Trainer) is set to `step`, so every micro-batch of one step sees the same curriculum position whatever
+        grad_accum is. Once-a-step work (an EMA target's update) belongs at micro_batch 0."""
         counter = getattr(self, "training_step", None)
         if isinstance(counter, Tensor):
             counter.fill_(step)
