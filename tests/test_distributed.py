@@ -5,10 +5,8 @@ the same random streams): losses, weights, EMA and optimizer state must agree, f
 (whose JVP cannot run through a DDP wrapper, hence the all-reduce design of jumpflow.distributed).
 """
 
-import json
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from jumpflow import TrainConfig
 from jumpflow.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from jumpflow.errors import JumpflowError, TrainingDiverged
 from jumpflow.methods.flow_matching import FlowMatching
+from tests.multiprocess import assert_same_training, checkpoint, free_port, losses
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -72,37 +71,20 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, str(root)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
     for name, options in RUNS.items():  # the 1-process references: same global batch, same two slots
         jumpflow.train(tiny(grad_accum=2, **options), root / f"{name}1")
     return root
 
 
-def losses(run):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 def final(run):
-    return load_file(str(list_checkpoints(run)[6]))
+    return checkpoint(run)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_match_one_process_with_the_same_global_batch(runs, name):
-    two, one = losses(runs / f"{name}2"), losses(runs / f"{name}1")
-    assert [r["step"] for r in two] == list(range(1, 7))
-    for a, b in zip(two, one):
-        for key in set(a) - {"elapsed_s"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
-    a, b = final(runs / f"{name}2"), final(runs / f"{name}1")
-    assert {k for k in a if not k.startswith("rng.")} == {k for k in b if not k.startswith("rng.")}
-    for key in a:
-        if key.startswith(("model.", "ema.", "optim.")):
-            assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
-    start = load_file(str(list_checkpoints(runs / f"{name}2")[3]))
-    assert not torch.equal(start["model.net.out.weight"], a["model.net.out.weight"])  # it did train
+    assert_same_training(runs / f"{name}2", runs / f"{name}1", rtol=1e-5, atol=1e-6, log_atol=1e-7)
+    a = final(runs / f"{name}2")
     assert {"rng.shard.0.torch", "rng.shard.1.torch"} <= a.keys()  # both ranks' random streams, gathered
 
 

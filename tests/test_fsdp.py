@@ -2,9 +2,7 @@
 train exactly like the replicated layout, i.e. like 1 process with the same micro-batch slots (grad_accum = slots);
 checkpoints hold whole tensors under the usual names, resume exactly, and load in one plain process."""
 
-import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import jumpflow
 from jumpflow import TrainConfig
 from jumpflow.checkpoint import list_checkpoints
 from jumpflow.errors import JumpflowError
+from tests.multiprocess import assert_same_training, checkpoint, free_port
 
 # flow matching; MeanFlow (a JVP through the sharded net); TVM (backward through the JVP, an EMA target net that
 # must follow the student shard by shard); flow matching with 2 micro-batches per rank (reduce-scatter once per step)
@@ -56,10 +55,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, str(root)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
     for name, options in RUNS.items():  # 1 process, the same slots: 2 ranks x grad_accum
         options = dict(options, grad_accum=2 * options.get("grad_accum", 1))
         jumpflow.train(tiny(**options), root / f"{name}-one")
@@ -67,31 +63,14 @@ def runs(tmp_path_factory):
     return root
 
 
-def losses(run):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 def last(run):
-    return load_file(str(list_checkpoints(run)[6]))
+    return checkpoint(run)
 
 
 @pytest.mark.parametrize("name", [*RUNS, "dmd2"])
 def test_sharded_training_matches_one_process(runs, name):
-    sharded, one = losses(runs / f"{name}-fsdp"), losses(runs / f"{name}-one")
-    assert [r["step"] for r in sharded] == list(range(1, 7))
-    for a, b in zip(sharded, one):
-        for key in set(a) - {"elapsed_s"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    a, b = last(runs / f"{name}-fsdp"), last(runs / f"{name}-one")
     # whole tensors under the unsharded names: the checkpoint is the same file a single process writes
-    assert {k for k in a if not k.startswith("rng.")} == {k for k in b if not k.startswith("rng.")}
-    for key in a:
-        if key.startswith(("model.", "ema.", "optim.")):
-            assert a[key].shape == b[key].shape, key
-            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
-    first = load_file(str(list_checkpoints(runs / f"{name}-fsdp")[3]))
-    assert not torch.equal(first["model.net.out.weight"], a["model.net.out.weight"])  # it did train
-
+    assert_same_training(runs / f"{name}-fsdp", runs / f"{name}-one", rtol=1e-4, atol=1e-6, log_atol=1e-6)
 
 def test_the_target_net_follows_the_sharded_student(runs):
     a = last(runs / "tvm-fsdp")
