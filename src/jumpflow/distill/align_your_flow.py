@@ -57,6 +57,12 @@ whose tangent normalisation c = 0.1 agrees):
 Measured on N(mu, 0.3^2 I) with the exact teacher (toy MLP, EMA): both objectives reach 1-step errors ~0.1 and 2-step
 ~0.05 in a few hundred steps, then EMD improves slowly (0.11 after 1500 steps), while regressing the exact map reaches
 0.02: the Eulerian loss propagates the boundary s = t up along the ODE, so it learns the long jumps last.
+On a multimodal target EMD does not train here, even from the exact teacher (benchmarks/ayf_study.py, 8 gaussians).
+Once the JVP term is on, the map gets worse at every step count, short jumps included: 1-step error 0.62 and 64-step
+0.46, where the same run without the JVP term (flow matching on the teacher) reaches 0.017 at 64 steps. No lr, gap law,
+tangent normalisation or flow-matching share tried changed that. LMD on the same run trains (1-step 0.19, 2-step
+0.10). The tangent itself is right: the exact map zeroes it and it is the discrete loss's limit, both tested. So this
+is the objective with theta- = theta on a sharp map, not a sign or JVP error. Use objective="lmd" where EMD stalls.
 """
 
 from __future__ import annotations
