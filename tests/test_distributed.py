@@ -77,14 +77,10 @@ def runs(tmp_path_factory):
     return root
 
 
-def final(run):
-    return checkpoint(run)
-
-
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_match_one_process_with_the_same_global_batch(runs, name):
     assert_same_training(runs / f"{name}2", runs / f"{name}1", rtol=1e-5, atol=1e-6, log_atol=1e-7)
-    a = final(runs / f"{name}2")
+    a = checkpoint(runs / f"{name}2")
     assert {"rng.shard.0.torch", "rng.shard.1.torch"} <= a.keys()  # both ranks' random streams, gathered
 
 
@@ -112,7 +108,7 @@ def test_only_rank_zero_writes_files(runs):
 
 
 def test_two_process_resume_is_exact(runs):
-    a, b = final(runs / "mf2"), final(runs / "mf2cut")
+    a, b = checkpoint(runs / "mf2"), checkpoint(runs / "mf2cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -123,7 +119,7 @@ def test_a_two_process_checkpoint_resumes_exactly_in_one_process_with_grad_accum
     shutil.copytree(runs / "fm2", run)
     list_checkpoints(run)[6].unlink()  # keep step 3
     Trainer(tiny(**RUNS["fm"], grad_accum=2), run, resume=True).fit()
-    a, b = final(runs / "fm2"), final(run)
+    a, b = checkpoint(runs / "fm2"), checkpoint(run)
     for key in a:
         if key.startswith(("model.", "ema.", "optim.")):
             assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
