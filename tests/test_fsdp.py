@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import jumpflow
 from jumpflow import TrainConfig
@@ -63,24 +62,21 @@ def runs(tmp_path_factory):
     return root
 
 
-def last(run):
-    return checkpoint(run)
-
-
 @pytest.mark.parametrize("name", [*RUNS, "dmd2"])
 def test_sharded_training_matches_one_process(runs, name):
     # whole tensors under the unsharded names: the checkpoint is the same file a single process writes
     assert_same_training(runs / f"{name}-fsdp", runs / f"{name}-one", rtol=1e-4, atol=1e-6, log_atol=1e-6)
 
+
 def test_the_target_net_follows_the_sharded_student(runs):
-    a = last(runs / "tvm-fsdp")
-    start = load_file(str(list_checkpoints(runs / "tvm-fsdp")[3]))
+    a = checkpoint(runs / "tvm-fsdp")
+    start = checkpoint(runs / "tvm-fsdp", 3)
     targets = [k for k in a if k.startswith("model.target_net.")]
     assert targets and any(not torch.equal(a[k], start[k]) for k in targets)
 
 
 def test_sharded_resume_is_exact(runs):
-    a, b = last(runs / "mf-fsdp"), last(runs / "mf-cut")
+    a, b = checkpoint(runs / "mf-fsdp"), checkpoint(runs / "mf-cut")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
