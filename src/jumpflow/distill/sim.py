@@ -30,6 +30,9 @@ jumpflow's choices (the paper's training code is not public, so these could not 
 - w(t) = 1 / sg mean|x_g - f_phi| per sample, SiD's normalisation, and SiD's noise levels for both losses, its
   generator parameterisation and its flow-matching fake score (see sid.py);
 - c = huber_c sqrt(dim): the distance acts on a sum over dims, so c scales like its root (as iCT's pseudo-Huber).
+
+As SiD's, its 1:1 fake-score updates need a small lr: at the digits bench's 5e-4 it collapses to one digit (1-step
+FD 67.7); lr 5e-5 or `fake_updates=5` trains it (BENCHMARKS.md, sid.py).
 """
 
 from __future__ import annotations
