@@ -39,8 +39,8 @@ jumpflow's choices:
 The 1:1 alternation needs a small learning rate (the paper's Adam lr is 1e-5 for both networks): at the benches'
 shared lr (5e-4 on digits, 2e-3 on the toys) the generator outruns its fake score and collapses (digits: every sample
 the same digit, 1-step FD 52.6). With `fake_updates=5` (DMD2's two-time-scale rule) the same recipe trains: digits
-FD 1.0-1.2, the checkerboard SW2 0.048 (BENCHMARKS.md). A 10x lower lr also works for SIM. So train with a small lr,
-or raise `fake_updates`; the default stays the paper's.
+FD 1.0-1.2, the checkerboard SW2 0.048 (BENCHMARKS.md); so does the 1:1 rule at a tenth of the lr (digits, lr 5e-5:
+FD 0.60, the teacher's level). So train with a small lr, or raise `fake_updates`; the default stays the paper's.
 """
 
 from __future__ import annotations
